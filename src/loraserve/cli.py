@@ -1,0 +1,106 @@
+"""`loraserve serve` and `loraserve generate`: flags (or their environment variables) -> config -> wired parts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from loraserve.config import FLAG_ENV, EngineConfig, ServerConfig, env_default
+from loraserve.engine.engine import Engine
+from loraserve.sampling.params import SamplingParams
+
+_ENGINE_FLAGS = {
+    "model_id": "HF folder, Hub id or .gguf file (default: the bundled Gemma 3 270M)",
+    "revision": "Hub revision of the model",
+    "dtype": "auto | float32 | bfloat16 | float16",
+    "device": "auto | cpu | cuda",
+    "max_input_length": "longest prompt in tokens",
+    "max_total_tokens": "prompt + generated tokens per request",
+    "max_batch_prefill_tokens": "tokens computed per step (prefill chunks plus decodes)",
+    "max_batch_total_tokens": "KV cache capacity in tokens (default: from --kv-cache-memory)",
+    "max_running_requests": "sequences decoded together",
+    "kv_cache_memory": "bytes for the KV cache",
+    "block_size": "tokens per KV block",
+}
+_SERVER_FLAGS = {
+    "hostname": "address to bind (default 127.0.0.1)",
+    "port": "port to bind (default 3000)",
+    "max_concurrent_requests": "requests in flight before answering 429",
+}
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    for name, help_text in flags.items():
+        env_name, kind = FLAG_ENV[name]
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=f"{help_text} [env {env_name}]"
+        )
+
+
+def _pick(args: argparse.Namespace, names: dict[str, str]) -> dict[str, object]:
+    """Flag if given, else its environment variable, else the dataclass default."""
+    values = {}
+    for name in names:
+        value = getattr(args, name)
+        if value is None:
+            value = env_default(name)
+        if value is not None:
+            values[name] = value
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraserve", description="Multi-LoRA LLM inference server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the HTTP server")
+    _add_flags(serve, _ENGINE_FLAGS)
+    _add_flags(serve, _SERVER_FLAGS)
+    generate = commands.add_parser("generate", help="generate from a prompt, streaming to the terminal")
+    generate.add_argument("prompt")
+    _add_flags(generate, _ENGINE_FLAGS)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=None)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    engine_config = EngineConfig(**_pick(args, _ENGINE_FLAGS))
+    if args.command == "serve":
+        from loraserve.server.app import serve
+
+        serve(engine_config, ServerConfig(**_pick(args, _SERVER_FLAGS)))
+        return 0
+    return _generate(args, engine_config)
+
+
+def _generate(args: argparse.Namespace, config: EngineConfig) -> int:
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
+    engine = Engine.from_config(config)
+    engine.add(engine.make_request(args.prompt, params))
+    while engine.has_work():
+        for output in engine.step():
+            sys.stdout.write(output.text)
+            sys.stdout.flush()
+            if output.finished:
+                reason = output.finish_reason.value if output.finish_reason else "unknown"
+                sys.stdout.write(f"\n[{output.generated_tokens} tokens, finish_reason={reason}]\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

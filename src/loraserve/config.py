@@ -1,0 +1,128 @@
+"""Every setting of the engine and the server: names, environment variables, defaults and validation.
+
+This is the only module that reads `os.environ`. Flag names follow the LoRAX launcher where they apply, and each
+flag can also be given through the environment variable LoRAX uses (`MODEL_ID`, `PORT`, ...). The one exception is
+`--hostname`: shells export `HOSTNAME` as the machine's name, so binding to it by accident would expose the server
+on the network; we read `LORASERVE_HOSTNAME` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def default_cache_dir() -> Path:
+    """Where assembled models, converted tokenizers and downloaded adapters live (LORASERVE_CACHE, else ~/.cache)."""
+    return Path(_env("LORASERVE_CACHE", str(Path.home() / ".cache" / "loraserve")))
+
+
+def hf_token_from_env() -> str | None:
+    return _env("HF_TOKEN") or _env("HUGGING_FACE_HUB_TOKEN")
+
+
+@dataclass
+class EngineConfig:
+    """What the engine needs to load a model and size its KV cache and batches."""
+
+    model_id: str | None = None  # HF folder, Hub id or .gguf path; None = the bundled default Gemma 3 270M
+    revision: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 on CPUs and GPUs that have it)
+    device: str = "auto"  # auto | cpu | cuda
+    max_input_length: int = 1024  # longest prompt, in tokens
+    max_total_tokens: int = 2048  # prompt + generated, per request
+    max_batch_prefill_tokens: int = 4096  # tokens computed per step (prefill chunks plus decodes)
+    max_batch_total_tokens: int | None = None  # KV capacity in tokens; None = from kv_cache_memory
+    max_running_requests: int = 64  # sequences decoded together
+    kv_cache_memory: int = 1 << 30  # bytes for the KV pool when max_batch_total_tokens is not set
+    block_size: int = 16
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    hf_token: str | None = field(default_factory=hf_token_from_env)
+    seed: int = 0  # seeds the shared generator of unseeded sampled requests
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("max_input_length", "max_total_tokens", "max_batch_prefill_tokens", "max_running_requests",
+                     "block_size", "kv_cache_memory"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_input_length >= self.max_total_tokens:
+            raise ValueError(
+                f"max_input_length ({self.max_input_length}) must be < max_total_tokens ({self.max_total_tokens})"
+            )
+        if self.max_batch_total_tokens is not None and self.max_batch_total_tokens < self.max_total_tokens:
+            raise ValueError(
+                f"max_batch_total_tokens ({self.max_batch_total_tokens}) must be >= max_total_tokens "
+                f"({self.max_total_tokens}) so that one request can always finish"
+            )
+        self.cache_dir = Path(self.cache_dir)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        device = self.torch_device()
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+
+
+@dataclass
+class ServerConfig:
+    hostname: str = "127.0.0.1"
+    port: int = 3000  # LoRAX's launcher default
+    max_concurrent_requests: int = 128  # requests in flight before the server answers 429
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_concurrent_requests < 1:
+            raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
+
+
+# flag name -> (environment variable, type); shared by the CLI so a flag and its variable cannot drift apart
+FLAG_ENV: dict[str, tuple[str, type]] = {
+    "model_id": ("MODEL_ID", str),
+    "revision": ("REVISION", str),
+    "dtype": ("DTYPE", str),
+    "device": ("DEVICE", str),
+    "max_input_length": ("MAX_INPUT_LENGTH", int),
+    "max_total_tokens": ("MAX_TOTAL_TOKENS", int),
+    "max_batch_prefill_tokens": ("MAX_BATCH_PREFILL_TOKENS", int),
+    "max_batch_total_tokens": ("MAX_BATCH_TOTAL_TOKENS", int),
+    "max_running_requests": ("MAX_RUNNING_REQUESTS", int),
+    "kv_cache_memory": ("KV_CACHE_MEMORY", int),
+    "block_size": ("BLOCK_SIZE", int),
+    "hostname": ("LORASERVE_HOSTNAME", str),
+    "port": ("PORT", int),
+    "max_concurrent_requests": ("MAX_CONCURRENT_REQUESTS", int),
+}
+
+
+def env_default(flag: str) -> object | None:
+    """The value of `flag`'s environment variable, converted, or None when unset."""
+    name, kind = FLAG_ENV[flag]
+    raw = _env(name)
+    if raw is None:
+        return None
+    try:
+        return kind(raw)
+    except ValueError as error:
+        raise ValueError(f"environment variable {name}={raw!r} is not a valid {kind.__name__}") from error

@@ -1,0 +1,1 @@
+"""The inference engine: requests, scheduling, paged KV cache, the model runner and the step loop."""

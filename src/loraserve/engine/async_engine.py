@@ -1,0 +1,141 @@
+"""Asyncio front of the engine: the step loop runs in its own thread; each request gets a queue of outputs.
+
+The event loop never waits on the model, and the step loop never waits on a client. Requests and aborts cross into
+the loop thread through one inbox that is drained before every step; outputs cross back with
+`call_soon_threadsafe`. A consumer that stops iterating (a client that disconnected) aborts its request, which frees
+its KV blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from loraserve.engine.engine import Engine, RequestOutput
+from loraserve.engine.request import Request
+from loraserve.errors import EngineDead
+from loraserve.sampling.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}  # owned by the loop thread
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="loraserve-step-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as steps produce them; the last has `finished` set.
+
+        Validation errors are raised before the first output, from the caller's task.
+        """
+        if not self.is_running:
+            raise EngineDead("the engine's step loop is not running")
+        request = self.engine.make_request(prompt, params, request_id)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._send("add", (request, stream))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def _send(self, kind: str, payload: object) -> None:
+        self._inbox.put((kind, payload))
+        self._wakeup.set()
+
+    # -- the loop thread ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # noqa: BLE001 - one bad step must not take the server down
+                logger.exception("engine step failed; failing the requests in flight")
+                self._fail_all(error)
+                continue
+            for output in outputs:
+                self._deliver(output)
+        self._fail_all(EngineDead("the engine is shutting down"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request, stream = payload  # type: ignore[misc]
+                self._add(request, stream)
+            else:
+                output = self.engine.abort(payload)  # type: ignore[arg-type]
+                if output is not None:
+                    self._deliver(output)
+
+    def _add(self, request: Request, stream: _Stream) -> None:
+        try:
+            self.engine.add(request)
+        except Exception as error:  # noqa: BLE001 - reported to the caller that sent the request
+            stream.put(error)
+            return
+        self._streams[request.request_id] = stream
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is None:
+            return
+        if output.finished:
+            del self._streams[output.request_id]
+        stream.put(output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort(request_id)
+            stream.put(error)
+        self._streams.clear()

@@ -1,0 +1,66 @@
+"""A synchronous offline facade for scripts, tests and benchmarks: prompts in, finished completions out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from loraserve.config import EngineConfig
+from loraserve.engine.engine import Engine, RequestOutput, TokenInfo
+from loraserve.engine.request import FinishReason
+from loraserve.sampling.params import SamplingParams
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_tokens: int
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_logprobs: list | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [token.id for token in self.tokens]
+
+
+class LLM:
+    def __init__(self, config: EngineConfig | None = None, engine: Engine | None = None) -> None:
+        self.engine = engine if engine is not None else Engine.from_config(config or EngineConfig())
+
+    def generate(
+        self, prompts: Sequence[str | list[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
+        """Run all prompts through the continuous batcher together; results in prompt order."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling parameter sets")
+        requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        completions = {r.request_id: Completion(r.request_id, len(r.prompt_token_ids)) for r in requests}
+        for request in requests:
+            self.engine.add(request)
+        while self.engine.has_work():
+            for output in self.engine.step():
+                _accumulate(completions[output.request_id], output)
+        return [completions[r.request_id] for r in requests]
+
+
+def _accumulate(completion: Completion, output: RequestOutput) -> None:
+    completion.tokens.extend(output.tokens)
+    if output.finished:
+        completion.text = output.generated_text or ""
+        completion.finish_reason = output.finish_reason
+        completion.prompt_logprobs = output.prompt_logprobs
+
+
+async def collect(outputs: AsyncIterator[RequestOutput]) -> Completion:
+    """Drain an async stream of outputs (from `AsyncEngine.generate`) into one completion."""
+    completion: Completion | None = None
+    async for output in outputs:
+        if completion is None:
+            completion = Completion(output.request_id, output.prompt_tokens)
+        _accumulate(completion, output)
+    if completion is None:
+        raise RuntimeError("the engine ended a request without any output")
+    return completion

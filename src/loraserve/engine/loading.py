@@ -1,0 +1,69 @@
+"""Turns `EngineConfig.model_id` into a loaded model, its tokenizer and its generation facts.
+
+One place decides the source (default model, .gguf file, HF folder or Hub id), the dtype and the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from loraserve.config import EngineConfig
+from loraserve.models.base import CausalLM
+from loraserve.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from loraserve.models.gguf import gguf_eos_token_ids, gguf_tokenizer, load_gguf_model
+from loraserve.models.loader import load_model, resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    tokenizer: PreTrainedTokenizerBase
+    eos_token_ids: set[int]
+    name: str  # what the APIs report as the base model id
+    max_model_len: int  # the model's own context length
+
+
+def load(config: EngineConfig) -> LoadedModel:
+    dtype, device = config.torch_dtype(), config.torch_device()
+    model_id = config.model_id
+    if model_id is None:
+        path = default_model_path(config.cache_dir)
+        logger.info("loading the default model %s from %s", DEFAULT_MODEL_NAME, path)
+        return _load_gguf(path, DEFAULT_MODEL_NAME, config)
+    if model_id.endswith(".gguf"):
+        return _load_gguf(Path(model_id), model_id, config)
+    model_dir = resolve_model_dir(model_id, revision=config.revision, token=config.hf_token,
+                                  cache_dir=str(config.cache_dir / "hub"))
+    model = load_model(model_dir, dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return LoadedModel(model, tokenizer, _eos_ids(model_dir, model, tokenizer), model_id, _max_len(model))
+
+
+def _load_gguf(path: Path, name: str, config: EngineConfig) -> LoadedModel:
+    model = load_gguf_model(path, config.torch_dtype(), config.torch_device())
+    tokenizer = gguf_tokenizer(path, config.cache_dir / "tokenizers")
+    return LoadedModel(model, tokenizer, gguf_eos_token_ids(path, tokenizer), name, _max_len(model))
+
+
+def _eos_ids(model_dir: Path, model: CausalLM, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every id that ends generation: generation_config.json, the model config and the tokenizer may each list some."""
+    ids: set[int] = set()
+    candidates = [getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id]
+    if (model_dir / "generation_config.json").exists():
+        candidates.append(GenerationConfig.from_pretrained(model_dir).eos_token_id)
+    for candidate in candidates:
+        if isinstance(candidate, int):
+            ids.add(candidate)
+        elif candidate:
+            ids.update(candidate)
+    return ids
+
+
+def _max_len(model: CausalLM) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)

@@ -1,0 +1,73 @@
+"""Runs one scheduled step: pack the chunks, run the model in a forward context, sample the finished chunks."""
+
+from __future__ import annotations
+
+import torch
+
+from loraserve.engine.contracts import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
+from loraserve.engine.input_batch import SequenceChunk, build_step_inputs
+from loraserve.layers.context import forward_context
+from loraserve.models.base import CausalLM
+from loraserve.sampling.sampler import SamplingRow, prompt_logprobs, sample
+
+
+class ModelRunner:
+    """Owns the model on its device; turns `SchedulerOutput` into sampled tokens."""
+
+    def __init__(self, model: CausalLM, block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> RunnerOutput:
+        chunks = [self._sequence_chunk(chunk) for chunk in step.chunks]
+        inputs = build_step_inputs(chunks, self.block_size, self.device)
+        with forward_context(inputs.context):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        output = RunnerOutput()
+        sampling = [i for i, chunk in enumerate(step.chunks) if chunk.completes_sequence]
+        if sampling:
+            logits = self.model.compute_logits(hidden[inputs.last_token_index[sampling]])
+            rows = [self._sampling_row(step.chunks[i]) for i in sampling]
+            result = sample(logits, rows)
+            for row, i in enumerate(sampling):
+                output.sampled[step.chunks[i].request.request_id] = SampledToken(
+                    result.token_ids[row], result.logprobs[row], result.top_logprobs[row]
+                )
+        offsets = (inputs.last_token_index - torch.tensor([c.num_tokens for c in step.chunks]) + 1).tolist()
+        for chunk, offset in zip(step.chunks, offsets):
+            entries = self._prompt_logprobs(chunk, hidden, offset)
+            if entries is not None:
+                output.prompt_logprobs[chunk.request.request_id] = entries
+        return output
+
+    @staticmethod
+    def _sequence_chunk(chunk: ScheduledChunk) -> SequenceChunk:
+        request = chunk.request
+        start = request.num_computed_tokens
+        return SequenceChunk(
+            token_ids=request.token_ids_between(start, start + chunk.num_tokens),
+            start_position=start,
+            block_table=request.block_ids,
+        )
+
+    @staticmethod
+    def _sampling_row(chunk: ScheduledChunk) -> SamplingRow:
+        request = chunk.request
+        return SamplingRow(request.params, request.prompt_token_ids, request.output_token_ids)
+
+    def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor, offset: int) -> list | None:
+        """Logprobs of the prompt tokens this chunk predicts (position p predicts token p + 1), when asked for.
+
+        Only the first computation of a prompt reports them: a recompute after preemption repeats none.
+        """
+        request = chunk.request
+        top_n = request.params.prompt_logprobs
+        start = request.num_computed_tokens
+        prompt_len = len(request.prompt_token_ids)
+        if top_n is None or request.num_preemptions or start >= prompt_len - 1:
+            return None
+        stop = min(start + chunk.num_tokens, prompt_len - 1)  # the last prompt position predicts an output token
+        logits = self.model.compute_logits(hidden[offset : offset + stop - start])
+        return prompt_logprobs(logits, request.prompt_token_ids[start + 1 : stop + 1], top_n)

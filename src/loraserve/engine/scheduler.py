@@ -1,0 +1,105 @@
+"""Continuous batching: who runs this step, and with how many tokens.
+
+Rule of one step: running requests first, oldest first, each gets the tokens it still needs (one for a decode, the
+rest of its prompt for a chunked prefill) within the step's token budget. When the KV pool cannot hold a running
+request's next tokens, the newest running request is preempted: its blocks are freed and it goes back to the head of
+the queue, to be recomputed from its prompt and the tokens it already produced (nothing is lost; the sampler's seeded
+draws depend only on the request, so even sampled output is unchanged). If nothing was preempted, waiting requests
+are admitted in arrival order while the budget, the sequence cap and the pool allow; a prompt longer than the
+remaining budget is admitted with a first chunk and continues next step.
+
+Pure Python, no torch: it is tested with synthetic requests.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from loraserve.engine.block_manager import BlockManager
+from loraserve.engine.contracts import ScheduledChunk, SchedulerOutput
+from loraserve.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_batch_tokens: int  # tokens computed per step (prefill chunks + decodes); LoRAX's max_batch_prefill_tokens
+    max_running: int  # sequences in the running batch at once
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager) -> None:
+        if limits.max_batch_tokens < 1 or limits.max_running < 1:
+            raise ValueError(f"scheduler limits must be >= 1, got {limits}")
+        self.limits = limits
+        self.blocks = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.limits.max_batch_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._make_room(request, num_tokens, output):
+                break  # `request` itself was preempted: everything after it already was too
+            output.chunks.append(ScheduledChunk(request, num_tokens))
+            budget -= num_tokens
+            index += 1
+        if not output.preempted:
+            self._admit_waiting(output, budget)
+        return output
+
+    def _make_room(self, request: Request, num_tokens: int, output: SchedulerOutput) -> bool:
+        """Free blocks by preempting the newest running requests until `request` fits.
+
+        The victims all come after `request` in the running order (those before it are already scheduled), so a
+        scheduled chunk never loses its blocks; at worst `request` preempts itself.
+        """
+        while not self.blocks.try_allocate(request, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            output.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_running:
+            request = self.waiting[0]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.blocks.try_allocate(request, num_tokens):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            output.chunks.append(ScheduledChunk(request, num_tokens))
+            budget -= num_tokens
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.blocks.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def finish(self, request: Request) -> None:
+        """Remove a finished or aborted request from whichever queue holds it and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.blocks.free(request)
+        request.status = RequestStatus.FINISHED

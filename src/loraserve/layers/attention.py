@@ -1,0 +1,92 @@
+"""Paged attention over a flat token batch.
+
+Each layer owns two cache tensors `[num_blocks, block_size, kv_heads, head_dim]` bound by the runner. A step writes
+the new tokens' K and V at their slots, then, for each attention group of the step, gathers the keys each sequence
+sees through its block table and runs one padded attention call. The gather costs a copy of the visible cache; on the
+CPU this is cheaper than a Python loop over sequences, and a fused paged kernel can replace it on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraserve.layers.context import AttentionGroup, get_forward_context
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention reading and writing the paged KV cache."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Attach this layer's slice of the KV pool (called once by the runner after sizing the pool)."""
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q `[T, heads * head_dim]`, k and v `[T, kv_heads * head_dim]` -> `[T, heads * head_dim]`."""
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError("attention layer has no KV cache bound; the runner binds it before the first step")
+        context = get_forward_context()
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, context.slot_mapping, k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        v_flat.index_copy_(0, context.slot_mapping, v.view(num_tokens, self.num_kv_heads, self.head_dim))
+        out = q.new_empty(num_tokens, self.num_heads, self.head_dim)
+        for group in context.attention_groups:
+            self._attend_group(group, q, k_flat, v_flat, out)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _attend_group(
+        self,
+        group: AttentionGroup,
+        q: torch.Tensor,
+        k_flat: torch.Tensor,
+        v_flat: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        query = q[group.query_index].transpose(1, 2)  # [B, H, max_q, D]
+        keys = k_flat[group.kv_slots].transpose(1, 2)  # [B, Hkv, max_kv, D]
+        values = v_flat[group.kv_slots].transpose(1, 2)
+        mask = group.mask(self.sliding_window)
+        if self.logit_softcap is None:
+            attended = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+            )
+        else:
+            attended = self._softcapped(query, keys, values, mask)
+        valid = group.query_valid
+        out[group.query_index[valid]] = attended.transpose(1, 2)[valid]
+
+    def _softcapped(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention with tanh logit capping (Gemma 2), which the fused SDPA kernels do not offer."""
+        groups = self.num_heads // self.num_kv_heads
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(query, keys.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        return torch.matmul(probs, values)

@@ -1,0 +1,25 @@
+"""RMSNorm in the two conventions found in checkpoints: `x * w` (Llama) and `x * (1 + w)` (Gemma)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, then cast back, as the reference implementations do."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        self.eps = eps
+        # Gemma stores w with the 1 removed (`offset=1.0`); Llama stores it whole (`offset=0.0`).
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            # Gemma multiplies in fp32 before the cast back; Llama casts first. Both orders matter for bf16 parity.
+            return (normed * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)

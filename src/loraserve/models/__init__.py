@@ -1,0 +1,1 @@
+"""Decoder families, their registry and the loaders that fill them from HF folders, the Hub and GGUF files."""

@@ -1,0 +1,1 @@
+"""Sampling parameters and the batched sampler; independent of the model and the engine."""

@@ -1,0 +1,42 @@
+"""Engine exceptions -> HTTP status and LoRAX's `{error, error_type}` body."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from loraserve.errors import EngineDead, InvalidRequest, LoraserveError, Overloaded
+
+_STATUS: list[tuple[type[Exception], int, str]] = [
+    (InvalidRequest, 422, "validation"),
+    (Overloaded, 429, "overloaded"),
+    (EngineDead, 503, "unhealthy"),
+    (LoraserveError, 424, "generation"),
+]
+
+
+def status_for(error: Exception) -> tuple[int, str]:
+    """The status and LoRAX error_type for an exception raised while serving a request."""
+    for kind, status, error_type in _STATUS:
+        if isinstance(error, kind):
+            return status, error_type
+    return 424, "generation"
+
+
+def error_body(message: str, error_type: str) -> dict[str, str]:
+    return {"error": message, "error_type": error_type}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in error.errors()
+        )
+        return JSONResponse(error_body(f"Input validation error: {details}", "validation"), status_code=422)
+
+    @app.exception_handler(LoraserveError)
+    async def _engine(_: Request, error: LoraserveError) -> JSONResponse:
+        status, error_type = status_for(error)
+        return JSONResponse(error_body(str(error), error_type), status_code=status)

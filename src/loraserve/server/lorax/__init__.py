@@ -1,0 +1,1 @@
+"""LoRAX/TGI-compatible REST routes."""

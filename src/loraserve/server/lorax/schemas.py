@@ -1,0 +1,74 @@
+"""LoRAX's request and response bodies, field for field (every optional field also accepts an explicit null)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class GenerateParameters(BaseModel):
+    adapter_id: str | None = None
+    adapter_source: str | None = None
+    api_token: str | None = None
+    best_of: int | None = None
+    decoder_input_details: bool | None = False
+    details: bool | None = False
+    do_sample: bool | None = False
+    frequency_penalty: float | None = None
+    ignore_eos_token: bool | None = False
+    max_new_tokens: int | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    return_full_text: bool | None = False
+    return_k_alternatives: int | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    truncate: int | None = None
+    typical_p: float | None = None
+    watermark: bool | None = False
+
+
+class GenerateRequest(BaseModel):
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class AlternativeToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+    alternative_tokens: list[AlternativeToken] | None = None
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+
+
+class Details(BaseModel):
+    finish_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: str

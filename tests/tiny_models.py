@@ -1,0 +1,74 @@
+"""Tiny random models of each architecture, saved as real HF folders (sharded safetensors, config, tokenizer).
+
+Tests load these through the same code paths as a real checkpoint. Weights are random but seeded; the tokenizer is a
+small byte-level BPE trained here on a fixed text, so multi-byte characters and leading spaces behave as they do in
+real tokenizers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
+TOKENIZER_VOCAB = 384
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "def add(a, b):\n    return a + b\n",
+    "Straße, café, naïve, 東京, 🙂 — multi-byte text matters for streaming.",
+    '{"name": "loraserve", "adapters": [1, 2, 3], "ok": true}',
+    "Once upon a time there was a small model that answered questions about adapters.",
+] * 20
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE of TOKENIZER_VOCAB tokens with BOS added to every encoding."""
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def save_tiny_model(config: PretrainedConfig, path: Path, seed: int = 0, init_std: float = 0.08) -> Path:
+    """Build a seeded random model for `config` with transformers and save it as a sharded HF folder at `path`.
+
+    `init_std` is larger than the usual 0.02 so logits are far from uniform and greedy choices are decisive.
+    """
+    config.vocab_size = TOKENIZER_VOCAB
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or ".norm" in name or "layernorm" in name:
+                param.normal_(mean=0.0 if _zero_centred_norm(config) else 1.0, std=0.1)
+            else:
+                param.normal_(mean=0.0, std=init_std)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="200KB")
+    build_tokenizer().save_pretrained(path)
+    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(path)
+    return path
+
+
+def _zero_centred_norm(config: PretrainedConfig) -> bool:
+    """Gemma stores RMSNorm weights as w - 1."""
+    return config.model_type.startswith("gemma")
