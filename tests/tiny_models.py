@@ -72,3 +72,57 @@ def save_tiny_model(config: PretrainedConfig, path: Path, seed: int = 0, init_st
 def _zero_centred_norm(config: PretrainedConfig) -> bool:
     """Gemma stores RMSNorm weights as w - 1."""
     return config.model_type.startswith("gemma")
+
+
+def tiny_config(architecture: str) -> PretrainedConfig:
+    """A 2-4 layer config of `architecture` with GQA and, where the family has one, a sliding window shorter than the
+    test prompts, so every code path (rope scaling, windows, softcaps, qk-norm, fused projections) runs."""
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    factories = {
+        "llama": lambda: LlamaConfig(**common),
+        "llama3": lambda: LlamaConfig(
+            **common,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 128},
+        ),
+        "mistral": lambda: MistralConfig(**common, sliding_window=6),
+        "qwen2": lambda: Qwen2Config(**common),
+        "qwen3": lambda: Qwen3Config(**common, head_dim=32),
+        "phi3": lambda: Phi3Config(**common),
+        "gemma": lambda: GemmaConfig(**common, head_dim=16),
+        "gemma2": lambda: Gemma2Config(**common, head_dim=16, sliding_window=5),
+        "gemma3": lambda: Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 4}, head_dim=16, sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        ),
+    }
+    config = factories[architecture]()
+    config.architectures = [_ARCHITECTURE_CLASS[config.model_type]]
+    return config
+
+
+_ARCHITECTURE_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+ARCHITECTURES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]

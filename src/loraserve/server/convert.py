@@ -1,0 +1,26 @@
+"""Request bodies of the HTTP APIs -> the engine's `SamplingParams` (validated by the engine, not here)."""
+
+from __future__ import annotations
+
+from loraserve.sampling.params import SamplingParams
+from loraserve.server.lorax.schemas import GenerateParameters
+
+
+def sampling_params_from_lorax(parameters: GenerateParameters) -> SamplingParams:
+    """LoRAX semantics: a null field takes LoRAX's default; a null `max_new_tokens` means "up to max_total_tokens"."""
+    return SamplingParams(
+        max_new_tokens=parameters.max_new_tokens,
+        temperature=parameters.temperature,
+        top_k=parameters.top_k,
+        top_p=parameters.top_p,
+        typical_p=parameters.typical_p,
+        repetition_penalty=parameters.repetition_penalty,
+        frequency_penalty=parameters.frequency_penalty,
+        presence_penalty=parameters.presence_penalty,
+        do_sample=bool(parameters.do_sample),
+        seed=parameters.seed,
+        stop=list(parameters.stop or []),
+        ignore_eos=bool(parameters.ignore_eos_token),
+        logprobs=parameters.return_k_alternatives,
+        prompt_logprobs=0 if parameters.decoder_input_details else None,
+    )
