@@ -54,18 +54,19 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive()
 
-    async def generate(
+    def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as steps produce them; the last has `finished` set.
-
-        Validation errors are raised before the first output, from the caller's task.
-        """
+        """Validate and enqueue now (raising `InvalidRequest` here, before any response is started), and return the
+        stream of the request's outputs; the last has `finished` set. Must be called from the event loop."""
         if not self.is_running:
             raise EngineDead("the engine's step loop is not running")
         request = self.engine.make_request(prompt, params, request_id)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._send("add", (request, stream))
+        return self._outputs(request.request_id, stream)
+
+    async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -76,7 +77,7 @@ class AsyncEngine:
                 yield item
         finally:
             if not finished:
-                self.abort(request.request_id)
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)

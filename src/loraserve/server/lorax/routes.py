@@ -1,32 +1,40 @@
-"""LoRAX's native routes: `/generate` (and `/health`, `/info`)."""
+"""LoRAX's native routes: `/generate`, `/generate_stream`, `/` (the clients' compat route), `/health`, `/info`."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.engine import RequestOutput, TokenInfo
 from loraserve.engine.llm import Completion, collect
+from loraserve.errors import LoraserveError
 from loraserve.server.convert import sampling_params_from_lorax
-from loraserve.server.errors import error_body
+from loraserve.server.errors import error_body, status_for
 from loraserve.server.lorax.schemas import (
     AlternativeToken,
+    CompatGenerateRequest,
     Details,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    StreamDetails,
+    StreamResponse,
     Token,
 )
+from loraserve.server.sse import sse_event
 
 router = APIRouter()
+_ERRORS = {422: {"model": ErrorResponse}, 424: {"model": ErrorResponse}, 429: {"model": ErrorResponse}}
 
 
 def _engine(request: Request) -> AsyncEngine:
     return request.app.state.engine
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
-             responses={422: {"model": ErrorResponse}, 424: {"model": ErrorResponse}})
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     params = sampling_params_from_lorax(body.parameters)
     completion = await collect(_engine(request).generate(body.inputs, params))
@@ -35,26 +43,64 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     return GenerateResponse(generated_text=text, details=details)
 
 
+@router.post("/generate_stream", response_class=StreamingResponse, responses=_ERRORS)
+async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
+    """One SSE event per token; the last also carries `generated_text` and `details`. No `[DONE]` (as LoRAX)."""
+    params = sampling_params_from_lorax(body.parameters)
+    outputs = _engine(request).generate(body.inputs, params)
+    prefix = body.inputs if body.parameters.return_full_text else ""
+    return StreamingResponse(
+        _stream_events(outputs, prefix, params.seed), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/", responses=_ERRORS)
+async def compat_generate(body: CompatGenerateRequest, request: Request) -> Response:
+    """What lorax-client posts to: a stream, or a one-element list holding the `/generate` reply (details always)."""
+    if body.stream:
+        return await generate_stream(body, request)
+    body.parameters.details = True
+    reply = await generate(body, request)
+    return JSONResponse([reply.model_dump(exclude_none=True)])
+
+
+async def _stream_events(outputs: AsyncIterator[RequestOutput], prefix: str, seed: int | None) -> AsyncIterator[str]:
+    try:
+        async for output in outputs:
+            for index, token in enumerate(output.tokens):
+                last = output.finished and index == len(output.tokens) - 1
+                event = StreamResponse(token=_token(token))
+                if last:
+                    event.generated_text = prefix + (output.generated_text or "")
+                    event.details = StreamDetails(
+                        finish_reason=output.finish_reason.value if output.finish_reason else "length",
+                        prompt_tokens=output.prompt_tokens,
+                        generated_tokens=output.generated_tokens,
+                        seed=seed,
+                    )
+                yield sse_event(event)
+    except LoraserveError as error:
+        # the status line is already sent: report the failure in-band, as LoRAX does
+        yield sse_event(error_body(str(error), status_for(error)[1]))
+
+
+def _token(token: TokenInfo) -> Token:
+    alternatives = (
+        [AlternativeToken(id=i, text=s, logprob=lp) for i, s, lp in token.top_logprobs] if token.top_logprobs else None
+    )
+    return Token(id=token.id, text=token.text, logprob=token.logprob, special=token.special,
+                 alternative_tokens=alternatives)
+
+
 def _details(completion: Completion, seed: int | None) -> Details:
-    tokens = [
-        Token(
-            id=t.id,
-            text=t.text,
-            logprob=t.logprob,
-            special=t.special,
-            alternative_tokens=[AlternativeToken(id=i, text=s, logprob=lp) for i, s, lp in t.top_logprobs]
-            if t.top_logprobs
-            else None,
-        )
-        for t in completion.tokens
-    ]
     return Details(
         finish_reason=completion.finish_reason.value if completion.finish_reason else "length",
         prompt_tokens=completion.prompt_tokens,
         generated_tokens=len(completion.tokens),
         seed=seed,
         prefill=[],
-        tokens=tokens,
+        tokens=[_token(t) for t in completion.tokens],
     )
 
 

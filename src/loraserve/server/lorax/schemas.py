@@ -35,6 +35,12 @@ class GenerateRequest(BaseModel):
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
 
+class CompatGenerateRequest(GenerateRequest):
+    """The body of `POST /`, which lorax-client and TGI's client use for both plain and streamed generation."""
+
+    stream: bool = False
+
+
 class AlternativeToken(BaseModel):
     id: int
     text: str
@@ -67,6 +73,19 @@ class Details(BaseModel):
 class GenerateResponse(BaseModel):
     generated_text: str
     details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int | None
+
+
+class StreamResponse(BaseModel):
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None
 
 
 class ErrorResponse(BaseModel):
