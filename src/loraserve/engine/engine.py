@@ -6,6 +6,7 @@ step computes a token it would throw away. `AsyncEngine` and `LLM` both drive th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -78,7 +79,7 @@ class Engine:
         scheduler = Scheduler(
             SchedulerLimits(config.max_batch_prefill_tokens, config.max_running_requests), self.block_manager
         )
-        runner = ModelRunner(loaded.model, config.block_size, device)
+        runner = ModelRunner(loaded.model, config.block_size, device, config.seed)
         self.core = EngineCore(scheduler, runner, loaded.eos_token_ids)
         self.eos_token_ids = loaded.eos_token_ids
         self._special_ids = set(self.tokenizer.all_special_ids)
@@ -101,6 +102,8 @@ class Engine:
             raise ContextTooLong(
                 f"`inputs` must have less than {self.max_input_length + 1} tokens. Given: {len(token_ids)}"
             )
+        if params.max_new_tokens is None:
+            params = dataclasses.replace(params, max_new_tokens=self.max_total_tokens - len(token_ids))
         if len(token_ids) + params.max_new_tokens > self.max_total_tokens:
             raise ContextTooLong(
                 f"`inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens}. "
@@ -115,7 +118,11 @@ class Engine:
 
     def add(self, request: Request) -> None:
         detokenizer = IncrementalDetokenizer(
-            self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens, request.params.stop
+            self.tokenizer,
+            request.prompt_token_ids,
+            request.params.skip_special_tokens,
+            request.params.stop,
+            request.params.include_stop_in_output,
         )
         self.core.add_request(request)
         self._tracked[request.request_id] = _Tracked(request, detokenizer)

@@ -8,16 +8,17 @@ from loraserve.engine.contracts import RunnerOutput, SampledToken, ScheduledChun
 from loraserve.engine.input_batch import SequenceChunk, build_step_inputs
 from loraserve.layers.context import forward_context
 from loraserve.models.base import CausalLM
-from loraserve.sampling.sampler import SamplingRow, prompt_logprobs, sample
+from loraserve.sampling.sampler import Sampler, SamplingRow, prompt_logprobs
 
 
 class ModelRunner:
     """Owns the model on its device; turns `SchedulerOutput` into sampled tokens."""
 
-    def __init__(self, model: CausalLM, block_size: int, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, block_size: int, device: torch.device, seed: int = 0) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.sampler = Sampler(seed)
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
@@ -30,7 +31,7 @@ class ModelRunner:
         if sampling:
             logits = self.model.compute_logits(hidden[inputs.last_token_index[sampling]])
             rows = [self._sampling_row(step.chunks[i]) for i in sampling]
-            result = sample(logits, rows)
+            result = self.sampler.sample(logits, rows)
             for row, i in enumerate(sampling):
                 output.sampled[step.chunks[i].request.request_id] = SampledToken(
                     result.token_ids[row], result.logprobs[row], result.top_logprobs[row]

@@ -1,0 +1,171 @@
+"""The batched sampler: penalties, warpers and the draw for rows with different parameters in one step.
+
+Every operation runs on the whole batch (or the subset of rows that asked for it) with torch; Python loops are per
+row, never per vocabulary entry. Reported logprobs are the log-softmax of the raw model logits (vLLM's default), so
+they describe the model, not the warped distribution.
+
+Seeded rows draw their uniform number from a generator seeded with (seed, number of tokens generated so far): the
+draw depends only on the request, so the same seed gives the same text whatever else is in the batch, and a request
+recomputed after preemption draws exactly what it drew before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.sampling.params import SamplingParams
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # splits seed and step apart so (s, t) and (s + 1, t - 1) do not collide
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]  # raw log-softmax at the chosen token
+    top_logprobs: list[list[tuple[int, float]] | None]  # top-n of the raw log-softmax, where asked for
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self._shared = torch.Generator().manual_seed(seed)  # for rows without a seed of their own
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """logits `[N, V]` float32, one row per entry of `rows` -> one token per row."""
+        raw_logsumexp = torch.logsumexp(logits, dim=-1)
+        scores = apply_penalties(logits, rows)
+        greedy = [i for i, row in enumerate(rows) if row.params.greedy]
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        chosen = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
+        if greedy:
+            chosen[greedy] = scores[greedy].argmax(dim=-1)
+        if sampled:
+            probs = warped_probs(scores[sampled], [rows[i].params for i in sampled])
+            uniforms = torch.tensor([self._uniform(rows[i]) for i in sampled], dtype=torch.float64)
+            chosen[sampled] = draw(probs, uniforms.to(probs.device))
+        chosen_logprobs = logits.gather(1, chosen[:, None]).squeeze(1) - raw_logsumexp
+        top = [None] * len(rows)
+        wanted = [i for i, row in enumerate(rows) if row.params.logprobs]
+        if wanted:
+            n = max(rows[i].params.logprobs for i in wanted)
+            values, ids = (logits[wanted] - raw_logsumexp[wanted, None]).topk(n, dim=-1)
+            for j, i in enumerate(wanted):
+                k = rows[i].params.logprobs
+                top[i] = list(zip(ids[j, :k].tolist(), values[j, :k].tolist()))
+        return SamplerOutput(chosen.tolist(), chosen_logprobs.tolist(), top)
+
+    def _uniform(self, row: SamplingRow) -> float:
+        seed = row.params.seed
+        if seed is None:
+            return torch.rand((), generator=self._shared, dtype=torch.float64).item()
+        mixed = (seed * _SEED_MIX + len(row.output_token_ids)) % (2**63)
+        return torch.rand((), generator=torch.Generator().manual_seed(mixed), dtype=torch.float64).item()
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Repetition (HF: over prompt and output, divide positive logits, multiply negative ones), then frequency and
+    presence (OpenAI: subtract per occurrence and once per seen token, over output tokens). Returns a new tensor
+    only when some row has a penalty."""
+    repeat = [i for i, r in enumerate(rows) if (r.params.repetition_penalty or 1.0) != 1.0]
+    additive = [i for i, r in enumerate(rows) if r.params.frequency_penalty or r.params.presence_penalty]
+    if not repeat and not additive:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for i in repeat:
+        seen = torch.tensor(sorted(set(rows[i].prompt_token_ids) | set(rows[i].output_token_ids)),
+                            dtype=torch.int64, device=logits.device)
+        seen = seen[seen < vocab]
+        values = logits[i, seen]
+        penalty = rows[i].params.repetition_penalty
+        logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+    for i in additive:
+        output = torch.tensor(list(rows[i].output_token_ids), dtype=torch.int64, device=logits.device)
+        if output.numel() == 0:
+            continue
+        counts = torch.zeros(vocab, device=logits.device).scatter_add_(0, output, torch.ones_like(output, dtype=torch.float32))
+        params = rows[i].params
+        logits[i] -= (params.frequency_penalty or 0.0) * counts + (params.presence_penalty or 0.0) * (counts > 0)
+    return logits
+
+
+def warped_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p, typical-p and min-p (in that order, as in HF), batched -> probabilities `[n, V]`."""
+    temperatures = torch.tensor([p.temperature if p.temperature is not None else 1.0 for p in params],
+                                dtype=scores.dtype, device=scores.device)
+    scores = scores / temperatures[:, None]
+    top_k = [(i, p.top_k) for i, p in enumerate(params) if p.top_k]
+    if top_k:
+        rows = [i for i, _ in top_k]
+        ks = torch.tensor([min(k, scores.shape[1]) for _, k in top_k], device=scores.device)
+        kth = scores[rows].topk(int(ks.max()), dim=-1).values.gather(1, (ks - 1)[:, None])
+        scores[rows] = scores[rows].masked_fill(scores[rows] < kth, float("-inf"))
+    top_p = [(i, p.top_p) for i, p in enumerate(params) if p.top_p is not None and p.top_p < 1.0]
+    if top_p:
+        rows = [i for i, _ in top_p]
+        limits = torch.tensor([p for _, p in top_p], dtype=scores.dtype, device=scores.device)
+        scores[rows] = _nucleus(scores[rows], limits)
+    typical = [(i, p.typical_p) for i, p in enumerate(params) if p.typical_p is not None and p.typical_p < 1.0]
+    if typical:
+        rows = [i for i, _ in typical]
+        masses = torch.tensor([p for _, p in typical], dtype=scores.dtype, device=scores.device)
+        scores[rows] = _typical(scores[rows], masses)
+    probs = torch.softmax(scores, dim=-1)
+    min_p = [(i, p.min_p) for i, p in enumerate(params) if p.min_p]
+    if min_p:
+        rows = [i for i, _ in min_p]
+        ratios = torch.tensor([p for _, p in min_p], dtype=probs.dtype, device=probs.device)
+        kept = probs[rows]
+        kept = kept.masked_fill(kept < ratios[:, None] * kept.max(dim=-1, keepdim=True).values, 0.0)
+        probs[rows] = kept / kept.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _nucleus(scores: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches `limits` (at least one token)."""
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    mass_before = sorted_scores.softmax(dim=-1).cumsum(dim=-1) - sorted_scores.softmax(dim=-1)
+    drop = mass_before >= limits[:, None]
+    drop[:, 0] = False
+    return scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+
+
+def _typical(scores: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (Meister et al.): keep tokens whose surprise is closest to the entropy, up to the mass."""
+    log_probs = scores.log_softmax(dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).nan_to_num().sum(dim=-1, keepdim=True)
+    distance = (entropy + log_probs).abs().nan_to_num(nan=float("inf"))
+    order = distance.argsort(dim=-1)
+    mass_before = probs.gather(1, order).cumsum(dim=-1) - probs.gather(1, order)
+    drop = mass_before >= masses[:, None]
+    drop[:, 0] = False
+    return scores.scatter(1, order, scores.gather(1, order).masked_fill(drop, float("-inf")))
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: one uniform per row picks the token whose cumulative mass first exceeds it."""
+    cdf = probs.double().cumsum(dim=-1)
+    targets = uniforms[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
+def prompt_logprobs(logits: torch.Tensor, target_ids: Sequence[int], top_n: int) -> list[tuple[int, float, list]]:
+    """For logits `[P, V]` where row j predicts `target_ids[j]`: (token, its raw logprob, top-n alternatives)."""
+    logprobs = logits.log_softmax(dim=-1)
+    targets = torch.tensor(list(target_ids), dtype=torch.int64, device=logits.device)
+    chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+    alternatives: list[list] = [[] for _ in target_ids]
+    if top_n:
+        values, ids = logprobs.topk(top_n, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [(t, lp, alt) for t, lp, alt in zip(target_ids, chosen, alternatives)]
