@@ -1,0 +1,134 @@
+"""Gemma, Gemma 2 and Gemma 3 (text).
+
+What sets them apart from Llama: RMSNorm stores `w - 1`; embeddings are scaled by sqrt(hidden) in the model dtype;
+a GeGLU MLP. Gemma 2 and 3 add norms after attention and after the MLP (four per block), alternate sliding and global
+attention layers, and scale queries by `query_pre_attn_scalar`. Gemma 2 caps attention and final logits with tanh;
+Gemma 3 instead normalizes q and k per head and gives sliding and global layers different rope parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+from loraserve.layers.attention import Attention
+from loraserve.layers.linear import Linear
+from loraserve.layers.norm import RMSNorm
+from loraserve.layers.rotary import RotaryEmbedding, apply_rotary
+from loraserve.models.llama import CheckpointModel, head_dim_of, sliding_window_of
+
+
+def _norm(config: PretrainedConfig, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, offset=1.0)
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim_of(config)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        bias = getattr(config, "attention_bias", False)
+        hidden = config.hidden_size
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.qk_norm = config.model_type == "gemma3_text"
+        if self.qk_norm:
+            self.q_norm = _norm(config, self.head_dim)
+            self.k_norm = _norm(config, self.head_dim)
+        scale = getattr(config, "query_pre_attn_scalar", None) or self.head_dim
+        self.attn = Attention(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            scale**-0.5,
+            sliding_window_of(config, layer_idx) if config.model_type != "gemma" else None,
+            getattr(config, "attn_logit_softcapping", None),
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(self.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), self.v_proj(x)))
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = GemmaAttention(config, layer_idx)
+        self.mlp = GemmaMLP(config)
+        self.input_layernorm = _norm(config)
+        self.post_attention_layernorm = _norm(config)
+        # Gemma 1 uses post_attention_layernorm as the pre-MLP norm; Gemma 2/3 have two more and sandwich both halves.
+        self.sandwich = config.model_type != "gemma"
+        if self.sandwich:
+            self.pre_feedforward_layernorm = _norm(config)
+            self.post_feedforward_layernorm = _norm(config)
+        layer_types = getattr(config, "layer_types", None)
+        self.layer_type = layer_types[layer_idx] if layer_types else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if not self.sandwich:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=torch.empty(
+            config.vocab_size, config.hidden_size), _freeze=True)
+        self.embed_scale = config.hidden_size**0.5
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = _norm(config)
+        head_dim = head_dim_of(config)
+        # Gemma 3 keeps rope parameters per layer type (local and global bases); the others have one set.
+        per_type = isinstance(config.rope_parameters, dict) and "rope_type" not in config.rope_parameters
+        types = sorted({layer.layer_type for layer in self.layers}) if per_type else [None]
+        self.rotary = nn.ModuleDict({str(t): RotaryEmbedding(config, head_dim, t) for t in types})
+        self.per_type_rope = per_type
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        rope = {name: rotary(positions, x.dtype) for name, rotary in self.rotary.items()}
+        for layer in self.layers:
+            cos, sin = rope[str(layer.layer_type) if self.per_type_rope else "None"]
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+class GemmaForCausalLM(CheckpointModel):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        self.model = GemmaModel(config)
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self.tie_embeddings()
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
