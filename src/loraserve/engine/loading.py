@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from loraserve.config import EngineConfig
 from loraserve.models.base import CausalLM
 from loraserve.models.default_model import DEFAULT_MODEL_NAME, default_model_path
-from loraserve.models.gguf import gguf_eos_token_ids, gguf_tokenizer, load_gguf_model
+from loraserve.models.gguf import load_gguf
 from loraserve.models.loader import load_model, resolve_model_dir
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,8 @@ def load(config: EngineConfig) -> LoadedModel:
 
 
 def _load_gguf(path: Path, name: str, config: EngineConfig) -> LoadedModel:
-    model = load_gguf_model(path, config.torch_dtype(), config.torch_device())
-    tokenizer = gguf_tokenizer(path, config.cache_dir / "tokenizers")
-    return LoadedModel(model, tokenizer, gguf_eos_token_ids(path, tokenizer), name, _max_len(model))
+    loaded = load_gguf(path, config.torch_dtype(), config.torch_device(), config.cache_dir / "tokenizers")
+    return LoadedModel(loaded.model, loaded.tokenizer, loaded.eos_token_ids, name, _max_len(loaded.model))
 
 
 def _eos_ids(model_dir: Path, model: CausalLM, tokenizer: PreTrainedTokenizerBase) -> set[int]:
