@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from loraserve.config import FLAG_ENV, EngineConfig, ServerConfig, env_default
 from loraserve.engine.engine import Engine
+from loraserve.errors import LoraserveError
 from loraserve.sampling.params import SamplingParams
 
 _ENGINE_FLAGS = {
@@ -72,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except LoraserveError as error:
+        print(f"loraserve: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(**_pick(args, _ENGINE_FLAGS))
     if args.command == "serve":
         from loraserve.server.app import serve
