@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 
 from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
-from loraserve.sampling.sampler import Sampler, SamplingRow, apply_penalties, prompt_logprobs, warped_probs
+from loraserve.sampling.sampler import Sampler, SamplingRow, _nucleus, apply_penalties, prompt_logprobs, warped_probs
 
 VOCAB = 300
 
@@ -165,3 +165,14 @@ def test_greedy_rule_follows_lorax() -> None:
     assert not SamplingParams(temperature=0.5).greedy and not SamplingParams(top_p=0.9).greedy
     assert SamplingParams(temperature=0, do_sample=True).greedy
     assert SamplingParams(temperature=1.0, repetition_penalty=1.2).greedy
+
+
+def test_nucleus_found_inside_and_outside_the_candidate_window_matches_transformers() -> None:
+    torch.manual_seed(6)
+    logits = torch.randn(4, VOCAB) * 0.5  # flat rows: a 0.9 nucleus holds far more than 8 tokens
+    limits = [0.9, 0.5, 0.99, 0.02]
+    ours = _nucleus(logits.clone(), torch.tensor(limits), candidates=8)
+    for row, limit in enumerate(limits):
+        expected = TopPLogitsWarper(limit)(None, logits[row : row + 1].clone())[0]
+        assert torch.equal(torch.isinf(ours[row]), torch.isinf(expected)), limit
+    assert torch.isfinite(ours[3]).sum() <= 8 < torch.isfinite(ours[0]).sum()

@@ -47,9 +47,10 @@ class Sampler:
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         chosen = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
         if greedy:
-            chosen[greedy] = scores[greedy].argmax(dim=-1)
+            # max(dim) is several times faster than argmax over a 262k vocabulary on the CPU
+            chosen[greedy] = _rows(scores, greedy).max(dim=-1).indices
         if sampled:
-            probs = warped_probs(scores[sampled], [rows[i].params for i in sampled])
+            probs = warped_probs(_rows(scores, sampled), [rows[i].params for i in sampled])
             uniforms = torch.tensor([self._uniform(rows[i]) for i in sampled], dtype=torch.float64)
             chosen[sampled] = draw(probs, uniforms.to(probs.device))
         chosen_logprobs = logits.gather(1, chosen[:, None]).squeeze(1) - raw_logsumexp
@@ -69,6 +70,11 @@ class Sampler:
             return torch.rand((), generator=self._shared, dtype=torch.float64).item()
         mixed = (seed * _SEED_MIX + len(row.output_token_ids)) % (2**63)
         return torch.rand((), generator=torch.Generator().manual_seed(mixed), dtype=torch.float64).item()
+
+
+def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """`tensor[indices]` without the copy when the indices are all rows in order."""
+    return tensor if indices == list(range(tensor.shape[0])) else tensor[indices]
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -130,13 +136,28 @@ def warped_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torc
     return probs
 
 
-def _nucleus(scores: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches `limits` (at least one token)."""
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    mass_before = sorted_scores.softmax(dim=-1).cumsum(dim=-1) - sorted_scores.softmax(dim=-1)
-    drop = mass_before >= limits[:, None]
-    drop[:, 0] = False
-    return scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+def _nucleus(scores: torch.Tensor, limits: torch.Tensor, candidates: int = 1024) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches `limits` (at least one token).
+
+    Sorting a 262k vocabulary costs tens of milliseconds a row, so the nucleus is first looked for among the top
+    `candidates` tokens (their exact probabilities come from the full log-sum-exp); only rows whose nucleus is wider
+    than that are sorted whole.
+    """
+    k = min(candidates, scores.shape[1])
+    top_scores, top_ids = scores.topk(k, dim=-1)
+    top_probs = (top_scores - torch.logsumexp(scores, dim=-1, keepdim=True)).exp()
+    mass_before = top_probs.cumsum(dim=-1) - top_probs
+    covered = mass_before[:, -1] + top_probs[:, -1] >= limits
+    keep = mass_before < limits[:, None]
+    kept_scores = torch.full_like(scores, float("-inf")).scatter(1, top_ids, top_scores.masked_fill(~keep, float("-inf")))
+    if covered.all():
+        return kept_scores
+    wide = (~covered).nonzero().squeeze(1)
+    sorted_scores, order = scores[wide].sort(dim=-1, descending=True)
+    sorted_probs = sorted_scores.softmax(dim=-1)
+    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= limits[wide, None]
+    kept_scores[wide] = scores[wide].scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return kept_scores
 
 
 def _typical(scores: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
