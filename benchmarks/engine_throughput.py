@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import Engine
+from loraserve.layers.linear import Linear
 from loraserve.models.default_model import default_model_path
 from loraserve.sampling.params import SamplingParams
 
@@ -96,9 +98,18 @@ def memory_bandwidth_gbs() -> float:
 
 
 def weight_bytes_per_token(engine: Engine) -> int:
-    """Bytes of weights one decode step reads: every parameter once (Gemma ties the lm_head to the embedding table,
-    which the lm_head reads whole each step)."""
-    return sum(p.numel() * p.element_size() for p in engine.core.runner.model.parameters())
+    """Bytes of weights one decode step reads: every projection and the lm_head (packed or plain) and every norm; of
+    the embedding table only one row per token, which we neglect."""
+    model = engine.core.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    projections = sum(_nbytes(m.packed_weight if m.packed_weight is not None else m.weight) for m in linears)
+    others = sum(_nbytes(p) for m in model.modules() if not isinstance(m, (Linear, nn.Embedding))
+                 for p in m.parameters(recurse=False))
+    return projections + others
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def machine() -> str:

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import save_tiny_model, tiny_config
+from transformers import AutoModelForCausalLM
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import Engine
@@ -92,3 +94,18 @@ def test_stop_token_ids_and_length(model_dir: Path) -> None:
     cut = llm.generate(["Paris is"], SamplingParams(max_new_tokens=20, ignore_eos=True, stop_token_ids=[target]))[0]
     assert cut.token_ids == free.token_ids[: free.token_ids.index(target) + 1]
     assert cut.finish_reason is FinishReason.EOS_TOKEN
+
+
+def test_prompt_logprobs_across_prefill_chunks_match_transformers(model_dir: Path) -> None:
+    llm = make_llm(model_dir, max_batch_prefill_tokens=8)
+    prompt = "Once upon a time there was a small model that answered"
+    result = llm.generate([prompt], SamplingParams(max_new_tokens=2, prompt_logprobs=2))[0]
+    ids = llm.engine.tokenizer.encode(prompt)
+    assert len(ids) > 16, "the prompt must span several prefill chunks"
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        expected = reference(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    assert [entry[0] for entry in result.prompt_logprobs] == ids[1:]
+    for position, (token, logprob, top) in enumerate(result.prompt_logprobs):
+        assert logprob == pytest.approx(expected[position, token].item(), abs=1e-4)
+        assert [t for t, _ in top] == expected[position].topk(2).indices.tolist()

@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from loraserve.config import EngineConfig
+from loraserve.layers.linear import cpu_packing_applies, pack_linear_weights
 from loraserve.models.base import CausalLM
 from loraserve.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from loraserve.models.gguf import load_gguf
@@ -30,6 +31,13 @@ class LoadedModel:
 
 
 def load(config: EngineConfig) -> LoadedModel:
+    loaded = _load(config)
+    if cpu_packing_applies(config.torch_dtype(), config.torch_device()):
+        logger.info("packed %d linear layers into oneDNN's bf16 layout", pack_linear_weights(loaded.model))
+    return loaded
+
+
+def _load(config: EngineConfig) -> LoadedModel:
     dtype, device = config.torch_dtype(), config.torch_device()
     model_id = config.model_id
     if model_id is None:
