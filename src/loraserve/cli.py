@@ -98,6 +98,7 @@ def _generate(args: argparse.Namespace, config: EngineConfig) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=args.stop or [],
+        chosen_logprob=False,  # the terminal shows text only
     )
     engine = Engine.from_config(config)
     engine.add(engine.make_request(args.prompt, params))

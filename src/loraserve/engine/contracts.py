@@ -37,7 +37,7 @@ class SchedulerOutput:
 @dataclass
 class SampledToken:
     token_id: int
-    logprob: float
+    logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
 
 

@@ -29,7 +29,7 @@ from loraserve.sampling.params import SamplingParams
 class TokenInfo:
     id: int
     text: str  # the text this token released to the stream (may be "" while a character is incomplete)
-    logprob: float
+    logprob: float | None  # None unless the request asked for it (SamplingParams.chosen_logprob)
     special: bool
     top_logprobs: list[tuple[int, str, float]] | None = None
 

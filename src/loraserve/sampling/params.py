@@ -29,7 +29,8 @@ class SamplingParams:
     include_stop_in_output: bool = True  # LoRAX keeps the stop text in generated_text; OpenAI drops it
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: int | None = None  # top-n alternatives per token; the chosen token's logprob is always returned
+    chosen_logprob: bool = True  # report the chosen token's logprob (costs a pass over the vocabulary per token)
+    logprobs: int | None = None  # top-n alternatives per token (implies chosen_logprob)
     prompt_logprobs: int | None = None  # None: none; n >= 0: each prompt token's logprob plus top-n alternatives
     skip_special_tokens: bool = True
 

@@ -31,7 +31,7 @@ class SamplingRow:
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
-    logprobs: list[float]  # raw log-softmax at the chosen token
+    logprobs: list[float | None]  # raw log-softmax at the chosen token; None where the row did not ask for it
     top_logprobs: list[list[tuple[int, float]] | None]  # top-n of the raw log-softmax, where asked for
 
 
@@ -41,7 +41,6 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """logits `[N, V]` float32, one row per entry of `rows` -> one token per row."""
-        raw_logsumexp = torch.logsumexp(logits, dim=-1)
         scores = apply_penalties(logits, rows)
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -53,16 +52,24 @@ class Sampler:
             probs = warped_probs(_rows(scores, sampled), [rows[i].params for i in sampled])
             uniforms = torch.tensor([self._uniform(rows[i]) for i in sampled], dtype=torch.float64)
             chosen[sampled] = draw(probs, uniforms.to(probs.device))
-        chosen_logprobs = logits.gather(1, chosen[:, None]).squeeze(1) - raw_logsumexp
-        top = [None] * len(rows)
-        wanted = [i for i, row in enumerate(rows) if row.params.logprobs]
-        if wanted:
-            n = max(rows[i].params.logprobs for i in wanted)
-            values, ids = (logits[wanted] - raw_logsumexp[wanted, None]).topk(n, dim=-1)
-            for j, i in enumerate(wanted):
-                k = rows[i].params.logprobs
-                top[i] = list(zip(ids[j, :k].tolist(), values[j, :k].tolist()))
-        return SamplerOutput(chosen.tolist(), chosen_logprobs.tolist(), top)
+        # A pass over the whole vocabulary per row (about 0.5 ms at 262k): only for rows that will report it.
+        reporting = [i for i, row in enumerate(rows) if row.params.chosen_logprob or row.params.logprobs]
+        logprobs: list[float | None] = [None] * len(rows)
+        top: list[list[tuple[int, float]] | None] = [None] * len(rows)
+        if reporting:
+            subset = _rows(logits, reporting)
+            lse = torch.logsumexp(subset, dim=-1)
+            picked = (subset.gather(1, chosen[reporting, None]).squeeze(1) - lse).tolist()
+            for j, i in enumerate(reporting):
+                logprobs[i] = picked[j]
+            wanted = [j for j, i in enumerate(reporting) if rows[i].params.logprobs]
+            if wanted:
+                values, ids = subset[wanted].topk(max(rows[reporting[j]].params.logprobs for j in wanted), dim=-1)
+                values -= lse[wanted, None]
+                for k, j in enumerate(wanted):
+                    count = rows[reporting[j]].params.logprobs
+                    top[reporting[j]] = list(zip(ids[k, :count].tolist(), values[k, :count].tolist()))
+        return SamplerOutput(chosen.tolist(), logprobs, top)
 
     def _uniform(self, row: SamplingRow) -> float:
         seed = row.params.seed

@@ -6,8 +6,11 @@ from loraserve.sampling.params import SamplingParams
 from loraserve.server.lorax.schemas import GenerateParameters
 
 
-def sampling_params_from_lorax(parameters: GenerateParameters) -> SamplingParams:
-    """LoRAX semantics: a null field takes LoRAX's default; a null `max_new_tokens` means "up to max_total_tokens"."""
+def sampling_params_from_lorax(parameters: GenerateParameters, reports_tokens: bool) -> SamplingParams:
+    """LoRAX semantics: a null field takes LoRAX's default; a null `max_new_tokens` means "up to max_total_tokens".
+
+    `reports_tokens`: the reply lists tokens (a stream, or `details`), so each needs its logprob.
+    """
     return SamplingParams(
         max_new_tokens=parameters.max_new_tokens,
         temperature=parameters.temperature,
@@ -21,6 +24,7 @@ def sampling_params_from_lorax(parameters: GenerateParameters) -> SamplingParams
         seed=parameters.seed,
         stop=list(parameters.stop or []),
         ignore_eos=bool(parameters.ignore_eos_token),
+        chosen_logprob=reports_tokens,
         logprobs=parameters.return_k_alternatives,
         prompt_logprobs=0 if parameters.decoder_input_details else None,
     )

@@ -36,7 +36,7 @@ def _engine(request: Request) -> AsyncEngine:
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
-    params = sampling_params_from_lorax(body.parameters)
+    params = sampling_params_from_lorax(body.parameters, reports_tokens=bool(body.parameters.details))
     completion = await collect(_engine(request).generate(body.inputs, params))
     text = body.inputs + completion.text if body.parameters.return_full_text else completion.text
     details = _details(completion, params.seed) if body.parameters.details else None
@@ -46,7 +46,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
 @router.post("/generate_stream", response_class=StreamingResponse, responses=_ERRORS)
 async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
     """One SSE event per token; the last also carries `generated_text` and `details`. No `[DONE]` (as LoRAX)."""
-    params = sampling_params_from_lorax(body.parameters)
+    params = sampling_params_from_lorax(body.parameters, reports_tokens=True)
     outputs = _engine(request).generate(body.inputs, params)
     prefix = body.inputs if body.parameters.return_full_text else ""
     return StreamingResponse(
