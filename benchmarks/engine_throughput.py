@@ -95,10 +95,11 @@ def measure_transformers_continuous(model, tokenizer, concurrency: int, new_toke
     inputs = [tokenizer.encode(p) for p in PROMPTS[:concurrency]]
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     start = time.perf_counter()
-    with torch.inference_mode():
-        outputs = model.generate_batch(inputs, generation_config=config)
+    outputs = model.generate_batch(inputs, generation_config=config)  # runs its own loop thread; no inference_mode
     wall = time.perf_counter() - start
     generated = sum(len(o.generated_tokens) for o in outputs.values())
+    if generated == 0:
+        raise RuntimeError("transformers generate_batch produced no tokens")
     return Measurement("transformers generate_batch", concurrency, generated / wall, float("nan"), None)
 
 
