@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,3 +69,20 @@ def test_generate_rejects_a_too_long_request(server: str) -> None:
     assert body["error_type"] == "validation" and "inputs" in body["error"]
     status, body = post_json(server + "/generate", {"parameters": {"max_new_tokens": 4}})
     assert status == 422 and body["error_type"] == "validation"
+
+
+def test_over_max_concurrent_requests_answers_429_at_once(model_dir: Path, tmp_path: Path) -> None:
+    args = ["--model-id", str(model_dir), *ENGINE_FLAGS, "--max-concurrent-requests", "1"]
+    with running_server(args, tmp_path / "server.log") as url:
+        body = json.dumps({"inputs": "Once", "parameters": {"max_new_tokens": 100, "ignore_eos_token": True}})
+        stream = urllib.request.urlopen(urllib.request.Request(
+            url + "/generate_stream", data=body.encode(), headers={"Content-Type": "application/json"}))
+        first_event = stream.readline()
+        assert first_event.startswith(b"data:{")
+        status, reply = post_json(url + "/generate", {"inputs": "Paris", "parameters": {"max_new_tokens": 2}})
+        assert status == 429 and reply == {"error": "Model is overloaded", "error_type": "overloaded"}
+        events = [line for line in stream.read().split(b"\n") if line.startswith(b"data:")]
+        stream.close()
+        assert len(events) == 99  # the stream in flight was not disturbed
+        status, _ = post_json(url + "/generate", {"inputs": "Paris", "parameters": {"max_new_tokens": 2}})
+        assert status == 200

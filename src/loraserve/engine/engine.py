@@ -138,10 +138,6 @@ class Engine:
     def has_work(self) -> bool:
         return self.core.has_work()
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._tracked)
-
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

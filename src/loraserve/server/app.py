@@ -12,6 +12,7 @@ from loraserve import __version__
 from loraserve.config import EngineConfig, ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import Engine
+from loraserve.server.admission import ConcurrencyLimit
 from loraserve.server.errors import install_error_handlers
 from loraserve.server.lorax.routes import router as lorax_router
 
@@ -30,6 +31,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig) -> FastAPI:
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.server_config = server_config
+    app.state.admission = ConcurrencyLimit(server_config.max_concurrent_requests)
     install_error_handlers(app)
     app.include_router(lorax_router)
     return app

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import RequestOutput, TokenInfo
@@ -37,7 +38,11 @@ def _engine(request: Request) -> AsyncEngine:
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     params = sampling_params_from_lorax(body.parameters, reports_tokens=bool(body.parameters.details))
-    completion = await collect(_engine(request).generate(body.inputs, params))
+    release = request.app.state.admission.acquire()
+    try:
+        completion = await collect(_engine(request).generate(body.inputs, params))
+    finally:
+        release()
     text = body.inputs + completion.text if body.parameters.return_full_text else completion.text
     details = _details(completion, params.seed) if body.parameters.details else None
     return GenerateResponse(generated_text=text, details=details)
@@ -47,10 +52,16 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
 async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
     """One SSE event per token; the last also carries `generated_text` and `details`. No `[DONE]` (as LoRAX)."""
     params = sampling_params_from_lorax(body.parameters, reports_tokens=True)
-    outputs = _engine(request).generate(body.inputs, params)
+    release = request.app.state.admission.acquire()
+    try:
+        outputs = _engine(request).generate(body.inputs, params)
+    except Exception:
+        release()
+        raise
     prefix = body.inputs if body.parameters.return_full_text else ""
     return StreamingResponse(
-        _stream_events(outputs, prefix, params.seed), media_type="text/event-stream",
+        _stream_events(outputs, prefix, params.seed, release), media_type="text/event-stream",
+        background=BackgroundTask(release),  # also covers a client gone before the stream started
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -65,7 +76,9 @@ async def compat_generate(body: CompatGenerateRequest, request: Request) -> Resp
     return JSONResponse([reply.model_dump(exclude_none=True)])
 
 
-async def _stream_events(outputs: AsyncIterator[RequestOutput], prefix: str, seed: int | None) -> AsyncIterator[str]:
+async def _stream_events(
+    outputs: AsyncIterator[RequestOutput], prefix: str, seed: int | None, release: Callable[[], None]
+) -> AsyncIterator[str]:
     try:
         async for output in outputs:
             for index, token in enumerate(output.tokens):
@@ -83,6 +96,8 @@ async def _stream_events(outputs: AsyncIterator[RequestOutput], prefix: str, see
     except LoraserveError as error:
         # the status line is already sent: report the failure in-band, as LoRAX does
         yield sse_event(error_body(str(error), status_for(error)[1]))
+    finally:
+        release()
 
 
 def _token(token: TokenInfo) -> Token:
