@@ -24,6 +24,8 @@ _ENGINE_FLAGS = {
     "max_running_requests": "sequences decoded together",
     "kv_cache_memory": "bytes for the KV cache",
     "block_size": "tokens per KV block",
+    "max_active_adapters": "LoRA adapters resident in the model at once (0 disables LoRA)",
+    "max_lora_rank": "largest LoRA rank a slot holds",
 }
 _SERVER_FLAGS = {
     "hostname": "address to bind (default 127.0.0.1)",

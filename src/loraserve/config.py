@@ -46,6 +46,8 @@ class EngineConfig:
     max_running_requests: int = 64  # sequences decoded together
     kv_cache_memory: int = 1 << 30  # bytes for the KV pool when max_batch_total_tokens is not set
     block_size: int = 16
+    max_active_adapters: int = 8  # LoRA slots in the model (adapters batched together); 0 disables LoRA
+    max_lora_rank: int = 16  # vLLM's default; slot memory grows with it
     cache_dir: Path = field(default_factory=default_cache_dir)
     hf_token: str | None = field(default_factory=hf_token_from_env)
     seed: int = 0  # seeds the shared generator of unseeded sampled requests
@@ -56,9 +58,11 @@ class EngineConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("max_input_length", "max_total_tokens", "max_batch_prefill_tokens", "max_running_requests",
-                     "block_size", "kv_cache_memory"):
+                     "block_size", "kv_cache_memory", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_active_adapters < 0:
+            raise ValueError(f"max_active_adapters must be >= 0, got {self.max_active_adapters}")
         if self.max_input_length >= self.max_total_tokens:
             raise ValueError(
                 f"max_input_length ({self.max_input_length}) must be < max_total_tokens ({self.max_total_tokens})"
@@ -110,6 +114,8 @@ FLAG_ENV: dict[str, tuple[str, type]] = {
     "max_running_requests": ("MAX_RUNNING_REQUESTS", int),
     "kv_cache_memory": ("KV_CACHE_MEMORY", int),
     "block_size": ("BLOCK_SIZE", int),
+    "max_active_adapters": ("MAX_ACTIVE_ADAPTERS", int),
+    "max_lora_rank": ("MAX_LORA_RANK", int),
     "hostname": ("LORASERVE_HOSTNAME", str),
     "port": ("PORT", int),
     "max_concurrent_requests": ("MAX_CONCURRENT_REQUESTS", int),

@@ -27,3 +27,11 @@ class UnsupportedModel(ModelLoadError):
 
 class EngineDead(LoraserveError):
     """The step loop stopped after an unexpected error; no further request can be served."""
+
+
+class AdapterNotFound(LoraserveError):
+    """The named adapter does not exist at its source (or the token given cannot see it)."""
+
+
+class AdapterLoadError(LoraserveError):
+    """The adapter exists but cannot serve this base model: corrupt files, unsupported features or mismatched shapes."""

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from loraserve.engine.engine import Engine, RequestOutput
-from loraserve.engine.request import Request
+from loraserve.engine.request import AdapterRef, Request
 from loraserve.errors import EngineDead
 from loraserve.sampling.params import SamplingParams
 
@@ -55,13 +55,14 @@ class AsyncEngine:
         return self._thread.is_alive()
 
     def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        adapter: AdapterRef | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Validate and enqueue now (raising `InvalidRequest` here, before any response is started), and return the
         stream of the request's outputs; the last has `finished` set. Must be called from the event loop."""
         if not self.is_running:
             raise EngineDead("the engine's step loop is not running")
-        request = self.engine.make_request(prompt, params, request_id)
+        request = self.engine.make_request(prompt, params, request_id, adapter)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._send("add", (request, stream))
         return self._outputs(request.request_id, stream)

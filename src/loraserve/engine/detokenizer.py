@@ -4,6 +4,9 @@
 no chunk ever holds half a UTF-8 sequence, and leading-space rules see the prompt as context. Stop strings can span
 token boundaries: the last `len(longest stop) - 1` characters are held back until they can no longer begin a stop
 string, so a stop string is never streamed and then retracted.
+
+Stop text: LoRAX/TGI keep the matched stop sequence at the end of `generated_text` (`include_stop_in_output=True`,
+the default); OpenAI's APIs drop it (`False`). Either way nothing after the stop string is ever released.
 """
 
 from __future__ import annotations
@@ -13,8 +16,18 @@ from collections.abc import Sequence
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
+# The error `DecodeStream.step` raises when its buffered prefix no longer decodes to a prefix of the new text (a
+# non-monotonic decoder); vLLM resets the stream on it (vllm-project/vllm#17448).
+INVALID_PREFIX_ERROR = "Invalid prefix encountered"
+
 
 class IncrementalDetokenizer:
+    """Turns generated token ids into releasable text, one token at a time.
+
+    `push(id)` returns the text the token makes safe to stream (possibly ""), `flush()` the held-back tail when the
+    request ends for another reason than a stop string, `text` everything released, `stopped` the matched stop string.
+    """
+
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
@@ -62,7 +75,9 @@ class IncrementalDetokenizer:
     def _step(self, token_id: int) -> str | None:
         try:
             return self._stream.step(self._backend, token_id)
-        except Exception:  # noqa: BLE001 - the tokenizer raises a bare Exception on an invalid prefix
+        except Exception as error:  # the tokenizer raises a bare Exception
+            if not str(error).startswith(INVALID_PREFIX_ERROR):
+                raise
             # Restart the stream from this token, as vLLM does: the text already released stays valid.
             self._stream = DecodeStream(skip_special_tokens=self._skip)
             return self._stream.step(self._backend, token_id)

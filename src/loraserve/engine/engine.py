@@ -18,7 +18,8 @@ from loraserve.engine.core import CoreOutput, EngineCore
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.kv_cache import allocate_kv_cache, num_blocks_for_budget
 from loraserve.engine.loading import LoadedModel, load
-from loraserve.engine.request import FinishReason, Request
+from loraserve.engine.lora_manager import LoRAManager
+from loraserve.engine.request import AdapterRef, FinishReason, Request
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import Scheduler, SchedulerLimits
 from loraserve.errors import ContextTooLong, InvalidRequest
@@ -79,7 +80,14 @@ class Engine:
         scheduler = Scheduler(
             SchedulerLimits(config.max_batch_prefill_tokens, config.max_running_requests), self.block_manager
         )
-        runner = ModelRunner(loaded.model, config.block_size, device, config.seed)
+        self.lora = (
+            LoRAManager(loaded.model, config.max_active_adapters, config.max_lora_rank, dtype, device,
+                        config.cache_dir / "adapters")
+            if config.max_active_adapters
+            else None
+        )
+        runner = ModelRunner(loaded.model, config.block_size, device, config.seed,
+                             self.lora.ranks if self.lora is not None else None)
         self.core = EngineCore(scheduler, runner, loaded.eos_token_ids)
         self.eos_token_ids = loaded.eos_token_ids
         self._special_ids = set(self.tokenizer.all_special_ids)
@@ -92,9 +100,14 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------------------------
 
-    def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+    def make_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        adapter: AdapterRef | None = None,
+    ) -> Request:
         """Tokenize and validate; raises `InvalidRequest` / `ContextTooLong` before anything is queued."""
         params.validate()
+        if adapter is not None and self.lora is None:
+            raise InvalidRequest("this server runs without LoRA slots (--max-active-adapters 0)")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise InvalidRequest("`inputs` must not be empty")
@@ -114,9 +127,14 @@ class Engine:
             prompt_token_ids=token_ids,
             params=params,
             max_total_tokens=self.max_total_tokens,
+            adapter=adapter,
         )
 
     def add(self, request: Request) -> None:
+        """Queue a request made by `make_request`; loads its adapter into a slot first (its errors raise here)."""
+        if request.adapter is not None:
+            ref = request.adapter
+            request.adapter_slot = self.lora.acquire(ref.adapter_id, ref.source, ref.token)
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             request.prompt_token_ids,
@@ -124,7 +142,11 @@ class Engine:
             request.params.stop,
             request.params.include_stop_in_output,
         )
-        self.core.add_request(request)
+        try:
+            self.core.add_request(request)
+        except Exception:
+            self._release_adapter(request)
+            raise
         self._tracked[request.request_id] = _Tracked(request, detokenizer)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -133,6 +155,7 @@ class Engine:
         if tracked is None:
             return None
         self.core.abort(request_id)
+        self._release_adapter(tracked.request)
         return self._final(tracked, [], tracked.detokenizer.flush(), FinishReason.ABORTED)
 
     def has_work(self) -> bool:
@@ -166,14 +189,21 @@ class Engine:
         if tracked.detokenizer.stopped is not None:
             self.core.abort(request.request_id)
             del self._tracked[request.request_id]
+            self._release_adapter(request)
             return self._final(tracked, [token], text, FinishReason.STOP_SEQUENCE)
         if core_output.finished:
             del self._tracked[request.request_id]
+            self._release_adapter(request)
             token.text = text + tracked.detokenizer.flush()
             return self._final(tracked, [token], token.text, request.finish_reason)
         return RequestOutput(
             request.request_id, [token], text, len(request.prompt_token_ids), len(request.output_token_ids)
         )
+
+    def _release_adapter(self, request: Request) -> None:
+        if request.adapter_slot >= 0:
+            self.lora.release(request.adapter_slot)
+            request.adapter_slot = -1
 
     def _final(
         self, tracked: _Tracked, tokens: list[TokenInfo], text: str, reason: FinishReason | None

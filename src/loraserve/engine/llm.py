@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import Engine, RequestOutput, TokenInfo
-from loraserve.engine.request import FinishReason
+from loraserve.engine.request import AdapterRef, FinishReason
 from loraserve.sampling.params import SamplingParams
 
 
@@ -30,13 +30,16 @@ class LLM:
         self.engine = engine if engine is not None else Engine.from_config(config or EngineConfig())
 
     def generate(
-        self, prompts: Sequence[str | list[int]], params: SamplingParams | Sequence[SamplingParams]
+        self, prompts: Sequence[str | list[int]], params: SamplingParams | Sequence[SamplingParams],
+        adapters: Sequence[AdapterRef | None] | None = None,
     ) -> list[Completion]:
-        """Run all prompts through the continuous batcher together; results in prompt order."""
+        """Run all prompts through the continuous batcher together (each with its adapter, None = base model);
+        results in prompt order."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(per_prompt) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling parameter sets")
-        requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        per_adapter = list(adapters) if adapters is not None else [None] * len(prompts)
+        if not len(per_prompt) == len(per_adapter) == len(prompts):
+            raise ValueError(f"{len(prompts)} prompts, {len(per_prompt)} parameter sets, {len(per_adapter)} adapters")
+        requests = [self.engine.make_request(p, sp, adapter=a) for p, sp, a in zip(prompts, per_prompt, per_adapter)]
         completions = {r.request_id: Completion(r.request_id, len(r.prompt_token_ids)) for r in requests}
         for request in requests:
             self.engine.add(request)

@@ -14,6 +14,15 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class AdapterRef:
+    """Which adapter a request runs with, and the token to fetch it with (resolved once per request)."""
+
+    adapter_id: str
+    source: str = "hub"
+    token: str | None = None
+
+
 class FinishReason(enum.Enum):
     """Why a request ended; the values are LoRAX's wire names (`aborted` is ours: client gone or server stop)."""
 
@@ -31,6 +40,8 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_total_tokens: int  # prompt + generated may not exceed this (model context or server limit)
+    adapter: AdapterRef | None = None
+    adapter_slot: int = -1  # the LoRA slot the adapter occupies while the request is in flight; -1 = base model
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)

@@ -7,6 +7,7 @@ import torch
 from loraserve.engine.contracts import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
 from loraserve.engine.input_batch import SequenceChunk, build_step_inputs
 from loraserve.layers.context import forward_context
+from loraserve.layers.lora_ops import LoRABatch
 from loraserve.models.base import CausalLM
 from loraserve.sampling.sampler import Sampler, SamplingRow, prompt_logprobs
 
@@ -14,8 +15,12 @@ from loraserve.sampling.sampler import Sampler, SamplingRow, prompt_logprobs
 class ModelRunner:
     """Owns the model on its device; turns `SchedulerOutput` into sampled tokens."""
 
-    def __init__(self, model: CausalLM, block_size: int, device: torch.device, seed: int = 0) -> None:
+    def __init__(
+        self, model: CausalLM, block_size: int, device: torch.device, seed: int = 0,
+        lora_ranks: list[int] | None = None,
+    ) -> None:
         self.model = model
+        self.lora_ranks = lora_ranks  # rank per LoRA slot, kept current by the LoRA manager; None without LoRA
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(seed)
@@ -24,6 +29,9 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
         chunks = [self._sequence_chunk(chunk) for chunk in step.chunks]
         inputs = build_step_inputs(chunks, self.block_size, self.device)
+        if self.lora_ranks is not None:
+            slots = [c.request.adapter_slot for c in step.chunks for _ in range(c.num_tokens)]
+            inputs.context.lora = LoRABatch.build(slots, self.lora_ranks, self.device)
         with forward_context(inputs.context):
             hidden = self.model(inputs.input_ids, inputs.positions)
         output = RunnerOutput()

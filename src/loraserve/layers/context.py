@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraserve.layers.lora_ops import LoRABatch
+
 
 @dataclass
 class AttentionGroup:
@@ -61,8 +63,8 @@ class ForwardContext:
     slot_mapping: torch.Tensor
     # Attention groups covering every token of the batch exactly once.
     attention_groups: list[AttentionGroup]
-    # Per-step LoRA metadata; None while no adapter is active (read by `layers.linear`).
-    lora: object | None = None
+    # Which tokens use which adapter slot this step; None when no token uses one (read by `layers.lora`).
+    lora: LoRABatch | None = None
 
 
 _current: ForwardContext | None = None

@@ -1,25 +1,32 @@
 """The batched sampler: penalties, warpers and the draw for rows with different parameters in one step.
 
 Every operation runs on the whole batch (or the subset of rows that asked for it) with torch; Python loops are per
-row, never per vocabulary entry. Reported logprobs are the log-softmax of the raw model logits (vLLM's default), so
-they describe the model, not the warped distribution.
+row (building index lists and parameter vectors), never per vocabulary entry.
 
-Seeded rows draw their uniform number from a generator seeded with (seed, number of tokens generated so far): the
-draw depends only on the request, so the same seed gives the same text whatever else is in the batch, and a request
-recomputed after preemption draws exactly what it drew before.
+Order, as in HF/TGI: penalties (repetition, then frequency/presence) on the raw logits; greedy rows take the argmax
+of the penalized logits; sampled rows go through temperature, top-k, top-p, typical-p, then min-p, and draw.
+
+Reported logprobs are the log-softmax of the RAW model logits (vLLM's default `raw_logprobs`), not of the penalized or
+warped distribution, so they describe the model whatever the request's decoding parameters.
+
+Seeded rows draw their one uniform number from a generator seeded with a hash of (seed, number of tokens generated
+so far) and pick the token by inverse CDF: the draw depends only on the request, so the same seed gives the same
+text whatever else is in the batch and in whichever position, and a request recomputed after preemption draws
+exactly what it drew before. Unseeded rows draw from the sampler's shared generator. (One uniform per row instead of
+the exponential race's one exponential per vocabulary entry: same determinism, a cumulative sum instead of V random
+numbers.)
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
 from loraserve.sampling.params import SamplingParams
-
-_SEED_MIX = 0x9E3779B97F4A7C15  # splits seed and step apart so (s, t) and (s + 1, t - 1) do not collide
-
 
 @dataclass
 class SamplingRow:
@@ -53,7 +60,7 @@ class Sampler:
             uniforms = torch.tensor([self._uniform(rows[i]) for i in sampled], dtype=torch.float64)
             chosen[sampled] = draw(probs, uniforms.to(probs.device))
         # A pass over the whole vocabulary per row (about 0.5 ms at 262k): only for rows that will report it.
-        reporting = [i for i, row in enumerate(rows) if row.params.chosen_logprob or row.params.logprobs]
+        reporting = [i for i, row in enumerate(rows) if row.params.chosen_logprob or row.params.logprobs is not None]
         logprobs: list[float | None] = [None] * len(rows)
         top: list[list[tuple[int, float]] | None] = [None] * len(rows)
         if reporting:
@@ -62,21 +69,27 @@ class Sampler:
             picked = (subset.gather(1, chosen[reporting, None]).squeeze(1) - lse).tolist()
             for j, i in enumerate(reporting):
                 logprobs[i] = picked[j]
-            wanted = [j for j, i in enumerate(reporting) if rows[i].params.logprobs]
-            if wanted:
-                values, ids = subset[wanted].topk(max(rows[reporting[j]].params.logprobs for j in wanted), dim=-1)
-                values -= lse[wanted, None]
-                for k, j in enumerate(wanted):
-                    count = rows[reporting[j]].params.logprobs
-                    top[reporting[j]] = list(zip(ids[k, :count].tolist(), values[k, :count].tolist()))
+            wanted = [j for j, i in enumerate(reporting) if rows[i].params.logprobs is not None]
+            counts = [min(rows[reporting[j]].params.logprobs, subset.shape[1]) for j in wanted]
+            if wanted and max(counts):
+                values, ids = subset[wanted].topk(max(counts), dim=-1)
+                values, ids = (values - lse[wanted, None]).tolist(), ids.tolist()
+            for k, (j, count) in enumerate(zip(wanted, counts)):
+                top[reporting[j]] = list(zip(ids[k][:count], values[k][:count])) if count else []
         return SamplerOutput(chosen.tolist(), logprobs, top)
 
     def _uniform(self, row: SamplingRow) -> float:
         seed = row.params.seed
         if seed is None:
             return torch.rand((), generator=self._shared, dtype=torch.float64).item()
-        mixed = (seed * _SEED_MIX + len(row.output_token_ids)) % (2**63)
-        return torch.rand((), generator=torch.Generator().manual_seed(mixed), dtype=torch.float64).item()
+        generator = torch.Generator().manual_seed(step_seed(seed, len(row.output_token_ids)))
+        return torch.rand((), generator=generator, dtype=torch.float64).item()
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The generator seed of a seeded request's `step`-th draw: a hash, so no two (seed, step) pairs share a stream."""
+    key = (seed % 2**64).to_bytes(8, "little") + step.to_bytes(8, "little")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
 def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
@@ -85,30 +98,50 @@ def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Repetition (HF: over prompt and output, divide positive logits, multiply negative ones), then frequency and
-    presence (OpenAI: subtract per occurrence and once per seen token, over output tokens). Returns a new tensor
-    only when some row has a penalty."""
+    """Penalized logits `[N, V]`; returns `logits` itself (no copy) when no row has a penalty.
+
+    Repetition (HF's `RepetitionPenaltyLogitsProcessor`, TGI): every token seen in the prompt or the output, once,
+    has a positive logit divided by the penalty and a negative one multiplied by it. Then frequency and presence
+    (OpenAI): over output tokens only, `logit -= frequency * count + presence * (count > 0)`.
+    """
     repeat = [i for i, r in enumerate(rows) if (r.params.repetition_penalty or 1.0) != 1.0]
     additive = [i for i, r in enumerate(rows) if r.params.frequency_penalty or r.params.presence_penalty]
     if not repeat and not additive:
         return logits
     logits = logits.clone()
-    vocab = logits.shape[1]
-    for i in repeat:
-        seen = torch.tensor(sorted(set(rows[i].prompt_token_ids) | set(rows[i].output_token_ids)),
-                            dtype=torch.int64, device=logits.device)
-        seen = seen[seen < vocab]
-        values = logits[i, seen]
-        penalty = rows[i].params.repetition_penalty
-        logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
-    for i in additive:
-        output = torch.tensor(list(rows[i].output_token_ids), dtype=torch.int64, device=logits.device)
-        if output.numel() == 0:
-            continue
-        counts = torch.zeros(vocab, device=logits.device).scatter_add_(0, output, torch.ones_like(output, dtype=torch.float32))
-        params = rows[i].params
-        logits[i] -= (params.frequency_penalty or 0.0) * counts + (params.presence_penalty or 0.0) * (counts > 0)
+    if repeat:
+        seen = token_counts([chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in repeat], logits) > 0
+        penalty = torch.tensor([rows[i].params.repetition_penalty for i in repeat], dtype=logits.dtype,
+                               device=logits.device)[:, None]
+        values = logits[repeat]
+        logits[repeat] = torch.where(seen, torch.where(values > 0, values / penalty, values * penalty), values)
+    if additive:
+        counts = token_counts([rows[i].output_token_ids for i in additive], logits)
+        frequency, presence = (
+            torch.tensor([getattr(rows[i].params, name) or 0.0 for i in additive], dtype=logits.dtype,
+                         device=logits.device)[:, None]
+            for name in ("frequency_penalty", "presence_penalty")
+        )
+        logits[additive] -= frequency * counts + presence * (counts > 0)
     return logits
+
+
+def token_counts(token_lists: Sequence[Sequence[int]], like: torch.Tensor) -> torch.Tensor:
+    """`[len(token_lists), V]` occurrence counts, one row per list, with one scatter for the whole batch.
+
+    Ids outside the logits' vocabulary (a tokenizer larger than the model's head) are ignored.
+    """
+    lists = [list(tokens) for tokens in token_lists]
+    vocab = like.shape[1]
+    counts = torch.zeros(len(lists), vocab, dtype=like.dtype, device=like.device)
+    flat = torch.tensor(list(chain.from_iterable(lists)), dtype=torch.int64, device=like.device)
+    if flat.numel() == 0:
+        return counts
+    row = torch.repeat_interleave(torch.arange(len(lists), device=like.device),
+                                  torch.tensor([len(tokens) for tokens in lists], device=like.device))
+    inside = (flat >= 0) & (flat < vocab)
+    return counts.index_put_((row[inside], flat[inside]), torch.ones((), dtype=like.dtype, device=like.device),
+                             accumulate=True)
 
 
 def warped_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -116,7 +149,7 @@ def warped_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torc
     temperatures = torch.tensor([p.temperature if p.temperature is not None else 1.0 for p in params],
                                 dtype=scores.dtype, device=scores.device)
     scores = scores / temperatures[:, None]
-    top_k = [(i, p.top_k) for i, p in enumerate(params) if p.top_k]
+    top_k = [(i, p.top_k) for i, p in enumerate(params) if p.top_k is not None and p.top_k > 0]
     if top_k:
         rows = [i for i, _ in top_k]
         ks = torch.tensor([min(k, scores.shape[1]) for _, k in top_k], device=scores.device)
@@ -133,7 +166,7 @@ def warped_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torc
         masses = torch.tensor([p for _, p in typical], dtype=scores.dtype, device=scores.device)
         scores[rows] = _typical(scores[rows], masses)
     probs = torch.softmax(scores, dim=-1)
-    min_p = [(i, p.min_p) for i, p in enumerate(params) if p.min_p]
+    min_p = [(i, p.min_p) for i, p in enumerate(params) if p.min_p is not None and p.min_p > 0]
     if min_p:
         rows = [i for i, _ in min_p]
         ratios = torch.tensor([p for _, p in min_p], dtype=probs.dtype, device=probs.device)
@@ -181,19 +214,29 @@ def _typical(scores: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
 
 
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: one uniform per row picks the token whose cumulative mass first exceeds it."""
+    """Inverse-CDF sampling: one uniform in [0, 1) per row picks the token whose cumulative mass first exceeds it.
+
+    A token of probability 0 is never picked: its cumulative mass equals its predecessor's, and the target is kept
+    strictly below the total so rounding cannot land on a zero-probability tail.
+    """
     cdf = probs.double().cumsum(dim=-1)
-    targets = uniforms[:, None] * cdf[:, -1:]
+    total = cdf[:, -1:]
+    targets = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def prompt_logprobs(logits: torch.Tensor, target_ids: Sequence[int], top_n: int) -> list[tuple[int, float, list]]:
-    """For logits `[P, V]` where row j predicts `target_ids[j]`: (token, its raw logprob, top-n alternatives)."""
+    """For logits `[P, V]` where row j predicts `target_ids[j]`: (token, its raw logprob, top-n alternatives).
+
+    For a whole prompt `ids`, pass the logits of positions 0..len(ids)-2 and `ids[1:]`: each prompt token's logprob
+    given its prefix; the first prompt token has none (the caller reports it as null). Taking the targets shifted by
+    the caller lets a chunked prefill report each chunk's share.
+    """
     logprobs = logits.log_softmax(dim=-1)
     targets = torch.tensor(list(target_ids), dtype=torch.int64, device=logits.device)
     chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
     alternatives: list[list] = [[] for _ in target_ids]
     if top_n:
-        values, ids = logprobs.topk(top_n, dim=-1)
+        values, ids = logprobs.topk(min(top_n, logprobs.shape[1]), dim=-1)
         alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
     return [(t, lp, alt) for t, lp, alt in zip(target_ids, chosen, alternatives)]

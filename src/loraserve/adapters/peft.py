@@ -1,0 +1,121 @@
+"""PEFT LoRA checkpoints -> per-module (A, scaled B) pairs, validated against the base model's projection shapes.
+
+The scale (alpha / r, or alpha / sqrt(r) with rsLoRA; per-module ranks and alphas from `rank_pattern` and
+`alpha_pattern`) is folded into B once at load, since (x A^T) (s B)^T = s (x A^T) B^T: the hot path never multiplies by
+it. Features we do not serve (DoRA, LoRA biases, embedding LoRA, fan_in_fan_out) are refused by name rather than
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from loraserve.errors import AdapterLoadError, AdapterNotFound
+
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight")
+
+
+@dataclass
+class LoRAModule:
+    a: torch.Tensor  # [rank, in_features]
+    b: torch.Tensor  # [out_features, rank], scale folded in
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass
+class LoRAAdapter:
+    name: str
+    modules: dict[str, LoRAModule]  # keyed by the base model's module name, e.g. model.layers.0.self_attn.q_proj
+
+    @property
+    def max_rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in self.modules.values())
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's lookup: a pattern key matches a module name by suffix (as a regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_peft_adapter(
+    path: Path, name: str, projections: dict[str, tuple[int, int]], dtype: torch.dtype
+) -> LoRAAdapter:
+    """Read the PEFT folder at `path`; `projections` maps each LoRA-capable module name to (in, out) features."""
+    config_path = path / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterNotFound(f"adapter {name!r}: no adapter_config.json in {path}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise AdapterLoadError(f"adapter {name!r}: adapter_config.json is not valid JSON: {error}") from error
+    for flag, feature in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out weights"),
+                          ("lora_bias", "LoRA biases")):
+        if config.get(flag):
+            raise AdapterLoadError(f"adapter {name!r} uses {feature}, which loraserve does not serve")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterLoadError(f"adapter {name!r} is a {config.get('peft_type')} adapter, not LoRA")
+    tensors = _read_tensors(path, name)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key.removeprefix(_PREFIX))
+        if match is None:
+            raise AdapterLoadError(f"adapter {name!r}: tensor {key!r} is not a LoRA A/B weight (embedding LoRA and "
+                                   "modules_to_save are not served)")
+        pairs.setdefault(match["module"], {})[match["part"]] = tensor
+    modules = {}
+    for module, pair in sorted(pairs.items()):
+        modules[module] = _module(name, module, pair, config, projections, dtype)
+    if not modules:
+        raise AdapterLoadError(f"adapter {name!r} holds no LoRA weights")
+    return LoRAAdapter(name, modules)
+
+
+def _read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        if (path / "adapter_model.safetensors").is_file():
+            return load_file(path / "adapter_model.safetensors")
+        if (path / "adapter_model.bin").is_file():
+            return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - safetensors and torch raise many types for a damaged file
+        raise AdapterLoadError(f"adapter {name!r}: cannot read its weights: {error}") from error
+    raise AdapterNotFound(f"adapter {name!r}: no adapter_model.safetensors or adapter_model.bin in {path}")
+
+
+def _module(
+    name: str, module: str, pair: dict[str, torch.Tensor], config: dict,
+    projections: dict[str, tuple[int, int]], dtype: torch.dtype,
+) -> LoRAModule:
+    if module not in projections:
+        raise AdapterLoadError(f"adapter {name!r} targets {module!r}, which the base model has no LoRA-capable "
+                               "projection for (wrong base model?)")
+    if set(pair) != {"A", "B"}:
+        raise AdapterLoadError(f"adapter {name!r}: {module} lacks its lora_{'B' if 'A' in pair else 'A'} weight")
+    a, b = pair["A"], pair["B"]
+    in_features, out_features = projections[module]
+    rank = a.shape[0]
+    if a.shape != (rank, in_features) or b.shape != (out_features, rank):
+        raise AdapterLoadError(
+            f"adapter {name!r}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, but the base model needs "
+            f"A (r, {in_features}) and B ({out_features}, r) (wrong base model?)"
+        )
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return LoRAModule(a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())

@@ -1,0 +1,36 @@
+"""Per-layer LoRA slot buffers: the running batch's adapters live here, one slot each; -1 means no adapter."""
+
+from __future__ import annotations
+
+import torch
+
+from loraserve.layers.context import get_forward_context
+from loraserve.layers.lora_ops import lora_delta
+
+
+class LoRASlots:
+    """Attached to a `Linear` as its `lora`; A `[slots, r_max, in]`, B `[slots, out, r_max]` (scale folded in)."""
+
+    def __init__(self, in_features: int, out_features: int, num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
+
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        rank = a.shape[0]
+        if rank > self.a.shape[1]:
+            raise ValueError(f"rank {rank} exceeds the slot capacity {self.a.shape[1]} (raise --max-lora-rank)")
+        self.clear_slot(slot)
+        self.a[slot, :rank].copy_(a)
+        self.b[slot, :, :rank].copy_(b)
+
+    def clear_slot(self, slot: int) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        batch = get_forward_context().lora
+        if batch is None:
+            return y
+        delta = lora_delta(x, self.a, self.b, batch)
+        return y.index_add(0, batch.rows, delta.to(y.dtype))

@@ -1,0 +1,144 @@
+"""Multi-LoRA: a mixed batch of adapters with different ranks and targets, plus base rows, against PEFT per adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from tiny_models import save_tiny_model, tiny_config
+from transformers import AutoModelForCausalLM
+
+from loraserve.config import EngineConfig
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.engine import Engine
+from loraserve.engine.llm import LLM, collect
+from loraserve.engine.request import AdapterRef
+from loraserve.errors import AdapterLoadError, AdapterNotFound
+from loraserve.layers.lora_ops import LoRABatch, gathered_delta, reference_delta, segmented_delta
+from loraserve.sampling.params import SamplingParams
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {
+    "r2-qv": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    "r4-mlp": dict(r=4, lora_alpha=16, target_modules=MLP),
+    "r8-all": dict(r=8, lora_alpha=8, target_modules=ATTENTION + MLP),
+    "r16-rslora": dict(r=16, lora_alpha=8, target_modules=ATTENTION + MLP, use_rslora=True),
+    "r6-patterns": dict(r=6, lora_alpha=12, target_modules=["o_proj", "down_proj", "k_proj"],
+                        rank_pattern={"down_proj": 3}, alpha_pattern={"k_proj": 30}),
+    "r12-attn": dict(r=12, lora_alpha=24, target_modules=ATTENTION),
+}
+PROMPTS = ["The quick brown fox", "Paris is the capital", "def add(a, b):", "Once upon a time there",
+           '{"name": "lora', "Straße, café"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp(request.param)
+    base_dir = save_tiny_model(tiny_config(request.param), root / "base")
+    adapters = {}
+    for seed, (name, options) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **options))
+        with torch.no_grad():  # PEFT's non-default init is small; make each adapter change the output clearly
+            for param_name, param in peft_model.named_parameters():
+                if "lora_" in param_name:
+                    param.mul_(4.0)
+        adapters[name] = root / name
+        peft_model.save_pretrained(adapters[name])
+    return base_dir, adapters
+
+
+def peft_reference(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], new_tokens: int):
+    """Greedy tokens and their logprobs from PEFT (or the plain base model) for one prompt alone."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+        logprobs = model(out).logits[0, len(prompt_ids) - 1 : -1].log_softmax(-1)
+    tokens = out[0, len(prompt_ids):].tolist()
+    return tokens, [logprobs[i, t].item() for i, t in enumerate(tokens)]
+
+
+def test_mixed_batch_equals_peft_per_adapter(setup: tuple[Path, dict[str, Path]]) -> None:
+    base_dir, adapters = setup
+    llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu", max_active_adapters=8,
+                           max_lora_rank=16, max_batch_prefill_tokens=32))
+    names = list(adapters) + [None, None, "r8-all", "r2-qv"]  # 10 requests: 6 adapters, 2 repeated, 2 base rows
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    refs = [AdapterRef(str(adapters[n]), source="local") if n else None for n in names]
+    results = llm.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True), refs)
+    for name, prompt, result in zip(names, prompts, results):
+        ids = llm.engine.tokenizer.encode(prompt)
+        tokens, logprobs = peft_reference(base_dir, adapters[name] if name else None, ids, 8)
+        assert result.token_ids == tokens, name
+        assert [t.logprob for t in result.tokens] == pytest.approx(logprobs, abs=1e-4), name
+    # not vacuous: the adapters really change the output of the base model
+    base = llm.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    changed = [n for n, r, b in zip(names, results, base) if n and r.token_ids != b.token_ids]
+    assert len(set(changed)) >= 5, changed
+
+
+def test_lora_kernels_agree_with_the_reference_loop() -> None:
+    torch.manual_seed(0)
+    slots, r_max, d_in, d_out = 5, 8, 24, 40
+    ranks = [8, 3, 0, 5, 1]
+    a = torch.zeros(slots, r_max, d_in)
+    b = torch.zeros(slots, d_out, r_max)
+    for slot, rank in enumerate(ranks):
+        a[slot, :rank] = torch.randn(rank, d_in)
+        b[slot, :, :rank] = torch.randn(d_out, rank)
+    x = torch.randn(30, d_in)
+    token_slots = [(-1 if i % 7 == 0 else [0, 1, 3, 4][i % 4]) for i in range(30)]
+    batch = LoRABatch.build(token_slots, ranks, torch.device("cpu"))
+    expected = reference_delta(x, a, b, batch)
+    torch.testing.assert_close(gathered_delta(x, a, b, batch), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(segmented_delta(x, a, b, batch), expected, rtol=1e-5, atol=1e-5)
+    assert sorted(batch.rows.tolist()) == [i for i, s in enumerate(token_slots) if s >= 0]
+    assert LoRABatch.build([-1, -1], ranks, torch.device("cpu")) is None
+
+
+def test_bad_adapters_fail_only_their_own_requests(setup: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    base_dir, adapters = setup
+    wrong_base = tmp_path / "wrong-base"
+    wrong_base.mkdir()
+    config = json.loads((adapters["r2-qv"] / "adapter_config.json").read_text())
+    (wrong_base / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(adapters["r2-qv"] / "adapter_model.safetensors")
+    save_file({k: torch.cat([v, v], dim=-1) if "lora_A" in k else v for k, v in tensors.items()},
+              wrong_base / "adapter_model.safetensors")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text(json.dumps(config))
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+
+    engine = AsyncEngine(Engine.from_config(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu")))
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+    async def scenario() -> list:
+        jobs = [
+            collect(engine.generate("Paris is", params, adapter=AdapterRef(str(adapters["r4-mlp"]), "local"))),
+            collect(engine.generate("Paris is", params, adapter=AdapterRef(str(wrong_base), "local"))),
+            collect(engine.generate("Paris is", params, adapter=AdapterRef(str(tmp_path / "missing"), "local"))),
+            collect(engine.generate("Paris is", params, adapter=AdapterRef(str(corrupt), "local"))),
+            collect(engine.generate("Paris is", params)),
+        ]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    engine.start()
+    try:
+        good, wrong, missing, broken, base = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert len(good.tokens) == 6 and len(base.tokens) == 6
+    assert isinstance(wrong, AdapterLoadError) and "wrong base model" in str(wrong)
+    assert isinstance(missing, AdapterNotFound)
+    assert isinstance(broken, AdapterLoadError) and "cannot read" in str(broken)
