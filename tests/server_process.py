@@ -54,9 +54,10 @@ def running_server(args: list[str], log_path: Path, env: dict[str, str] | None =
             process.wait()
 
 
-def post_json(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict]:
+def post_json(url: str, body: dict, timeout: float = 120.0, headers: dict[str, str] | None = None) -> tuple[int, dict]:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **(headers or {})},
+        method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

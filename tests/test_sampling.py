@@ -329,9 +329,11 @@ def test_warped_draws_follow_the_warped_distribution() -> None:
 
 
 def test_draw_never_picks_a_zero_probability_token() -> None:
-    probs = torch.tensor([[0.0, 0.4, 0.0, 0.6, 0.0, 0.0], [0.0, 0.4, 0.0, 0.6, 0.0, 0.0]])
-    uniforms = torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64)
-    assert draw(probs, uniforms).tolist() == [1, 3]
+    """The extreme uniforms land on the first and last tokens with mass; 1.0 (outside [0, 1)) stands for a product
+    u * total that rounds up to the total."""
+    probs = torch.tensor([[0.0, 0.4, 0.0, 0.6, 0.0, 0.0]]).repeat(3, 1)
+    uniforms = torch.tensor([0.0, 1.0 - 2**-53, 1.0], dtype=torch.float64)
+    assert draw(probs, uniforms).tolist() == [1, 3, 3]
 
 
 # -- prompt logprobs ----------------------------------------------------------------------------------------------

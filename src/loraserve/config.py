@@ -9,6 +9,7 @@ on the network; we read `LORASERVE_HOSTNAME` instead.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class EngineConfig:
     max_lora_rank: int = 16  # vLLM's default; slot memory grows with it
     cache_dir: Path = field(default_factory=default_cache_dir)
     hf_token: str | None = field(default_factory=hf_token_from_env)
+    # Lend the server's HF token to adapter downloads of requests that bring none (LoRAX: LORAX_USE_GLOBAL_HF_TOKEN).
+    # Off by default: it lets every client read what the server's token can read.
+    adapter_uses_server_token: bool = False
     seed: int = 0  # seeds the shared generator of unseeded sampled requests
 
     def __post_init__(self) -> None:
@@ -101,8 +105,15 @@ class ServerConfig:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
 
 
+def _flag_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"{raw!r} is not a boolean (use true or false)")
+    return lowered in ("1", "true", "yes")
+
+
 # flag name -> (environment variable, type); shared by the CLI so a flag and its variable cannot drift apart
-FLAG_ENV: dict[str, tuple[str, type]] = {
+FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "model_id": ("MODEL_ID", str),
     "revision": ("REVISION", str),
     "dtype": ("DTYPE", str),
@@ -116,6 +127,7 @@ FLAG_ENV: dict[str, tuple[str, type]] = {
     "block_size": ("BLOCK_SIZE", int),
     "max_active_adapters": ("MAX_ACTIVE_ADAPTERS", int),
     "max_lora_rank": ("MAX_LORA_RANK", int),
+    "adapter_uses_server_token": ("LORAX_USE_GLOBAL_HF_TOKEN", _flag_bool),
     "hostname": ("LORASERVE_HOSTNAME", str),
     "port": ("PORT", int),
     "max_concurrent_requests": ("MAX_CONCURRENT_REQUESTS", int),
@@ -131,4 +143,4 @@ def env_default(flag: str) -> object | None:
     try:
         return kind(raw)
     except ValueError as error:
-        raise ValueError(f"environment variable {name}={raw!r} is not a valid {kind.__name__}") from error
+        raise ValueError(f"environment variable {name}={raw!r} is not valid: {error}") from error

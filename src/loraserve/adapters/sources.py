@@ -23,7 +23,10 @@ def resolve_adapter(adapter_id: str, source: str, token: str | None, cache_dir: 
     if source != "hub":
         raise InvalidRequest(f"`adapter_source` must be one of {', '.join(SOURCES)}; got {source!r}")
     try:
-        return Path(snapshot_download(adapter_id, token=token, cache_dir=str(cache_dir), allow_patterns=_ADAPTER_FILES))
+        # token=False: never let huggingface_hub fall back to the server's HF_TOKEN behind the request's back
+        path = snapshot_download(adapter_id, token=token or False, cache_dir=str(cache_dir),
+                                 allow_patterns=_ADAPTER_FILES)
+        return Path(path)
     except (RepositoryNotFoundError, EntryNotFoundError, LocalEntryNotFoundError) as error:
         raise AdapterNotFound(f"adapter {adapter_id!r} not found on the Hub: {error}") from error
     except Exception as error:  # noqa: BLE001 - network and server failures of every kind

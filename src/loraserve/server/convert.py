@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+from loraserve.engine.request import AdapterRef
+from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
 from loraserve.server.lorax.schemas import GenerateParameters
+
+
+def adapter_from_lorax(
+    parameters: GenerateParameters, authorization: str | None, server_token: str | None
+) -> AdapterRef | None:
+    """The request's adapter, with the one token used for every Hub call it causes: the request's `api_token`, else
+    its `Authorization: Bearer` header, else the server's own HF_TOKEN (LoRAX drops the header: its issue 541)."""
+    if parameters.merged_adapters is not None:
+        raise InvalidRequest("`merged_adapters` is not supported yet")
+    if not parameters.adapter_id:
+        return None
+    token = parameters.api_token
+    if token is None and authorization and authorization.lower().startswith("bearer "):
+        token = authorization[7:].strip() or None
+    return AdapterRef(parameters.adapter_id, parameters.adapter_source or "hub", token or server_token)
 
 
 def sampling_params_from_lorax(parameters: GenerateParameters, reports_tokens: bool) -> SamplingParams:

@@ -10,9 +10,10 @@ from starlette.background import BackgroundTask
 
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import RequestOutput, TokenInfo
+from loraserve.engine.request import AdapterRef
 from loraserve.engine.llm import Completion, collect
 from loraserve.errors import LoraserveError
-from loraserve.server.convert import sampling_params_from_lorax
+from loraserve.server.convert import adapter_from_lorax, sampling_params_from_lorax
 from loraserve.server.errors import error_body, status_for
 from loraserve.server.lorax.schemas import (
     AlternativeToken,
@@ -35,12 +36,19 @@ def _engine(request: Request) -> AsyncEngine:
     return request.app.state.engine
 
 
+def _adapter(body: GenerateRequest, request: Request) -> AdapterRef | None:
+    config = _engine(request).engine.config
+    server_token = config.hf_token if config.adapter_uses_server_token else None
+    return adapter_from_lorax(body.parameters, request.headers.get("authorization"), server_token)
+
+
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     params = sampling_params_from_lorax(body.parameters, reports_tokens=bool(body.parameters.details))
+    adapter = _adapter(body, request)
     release = request.app.state.admission.acquire()
     try:
-        completion = await collect(_engine(request).generate(body.inputs, params))
+        completion = await collect(_engine(request).generate(body.inputs, params, adapter=adapter))
     finally:
         release()
     text = body.inputs + completion.text if body.parameters.return_full_text else completion.text
@@ -52,9 +60,10 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
 async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
     """One SSE event per token; the last also carries `generated_text` and `details`. No `[DONE]` (as LoRAX)."""
     params = sampling_params_from_lorax(body.parameters, reports_tokens=True)
+    adapter = _adapter(body, request)
     release = request.app.state.admission.acquire()
     try:
-        outputs = _engine(request).generate(body.inputs, params)
+        outputs = _engine(request).generate(body.inputs, params, adapter=adapter)
     except Exception:
         release()
         raise

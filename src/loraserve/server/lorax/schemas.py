@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 class GenerateParameters(BaseModel):
     adapter_id: str | None = None
     adapter_source: str | None = None
+    merged_adapters: dict | None = None
     api_token: str | None = None
     best_of: int | None = None
     decoder_input_details: bool | None = False

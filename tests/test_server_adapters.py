@@ -1,0 +1,78 @@
+"""Adapters over HTTP: `adapter_id` from the Hub stand-in, the per-request token rules, and a 424 for a bad adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import HubServer
+from peft import LoraConfig, get_peft_model
+from server_process import post_json, running_server
+from tiny_models import save_tiny_model, tiny_config
+from transformers import AutoModelForCausalLM
+
+from loraserve.config import EngineConfig
+from loraserve.engine.llm import LLM
+from loraserve.engine.request import AdapterRef
+from loraserve.sampling.params import SamplingParams
+
+TOKEN = "hf_private_adapter_token"
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    base_dir = save_tiny_model(tiny_config("qwen2"), root / "base")
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.mul_(4.0)
+    model.save_pretrained(root / "adapter")
+    return base_dir, root / "adapter"
+
+
+def test_adapters_from_the_hub_with_per_request_tokens(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    base_dir, adapter_dir = dirs
+    expected = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu")).generate(
+        ["Paris is"], SamplingParams(max_new_tokens=10, ignore_eos=True), [AdapterRef(str(adapter_dir), "local")]
+    )[0]
+    body = {"inputs": "Paris is", "parameters": {"max_new_tokens": 10, "ignore_eos_token": True, "details": True}}
+    with HubServer() as hub:
+        hub.add_repo("acme/public-lora", adapter_dir)
+        hub.add_repo("acme/private-lora", adapter_dir, token=TOKEN)
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "LORASERVE_CACHE": str(tmp_path / "cache"),
+               "HF_TOKEN": "server-token-never-lent"}
+        args = ["--model-id", str(base_dir), "--dtype", "float32", "--device", "cpu"]
+        with running_server(args, tmp_path / "server.log", env=env) as url:
+            public = {**body, "parameters": {**body["parameters"], "adapter_id": "acme/public-lora"}}
+            status, reply = post_json(url + "/generate", public)
+            assert status == 200, reply
+            assert [t["id"] for t in reply["details"]["tokens"]] == expected.token_ids
+
+            private = {**body, "parameters": {**body["parameters"], "adapter_id": "acme/private-lora"}}
+            status, reply = post_json(url + "/generate", private)
+            assert status == 424 and reply["error_type"] == "generation" and "acme/private-lora" in reply["error"]
+            assert "Bearer server-token-never-lent" not in {auth for _, _, auth in hub.requests}
+
+            with_token = {**body, "parameters": {**private["parameters"], "api_token": TOKEN}}
+            status, reply = post_json(url + "/generate", with_token)
+            assert status == 200, reply
+            assert [t["id"] for t in reply["details"]["tokens"]] == expected.token_ids
+
+            status, reply = post_json(url + "/generate", private, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert status == 200, reply  # the header's token is used when the body carries none
+
+            local = {**body, "parameters": {**body["parameters"], "adapter_id": str(adapter_dir),
+                                            "adapter_source": "local"}}
+            status, reply = post_json(url + "/generate", local)
+            assert status == 200 and [t["id"] for t in reply["details"]["tokens"]] == expected.token_ids
+            status, reply = post_json(url + "/generate", {**body, "parameters": {"adapter_id": "x",
+                                                                                 "adapter_source": "ftp"}})
+            assert status == 422 and reply["error_type"] == "validation"
+            status, reply = post_json(url + "/generate", body)  # the base model still serves
+            assert status == 200 and [t["id"] for t in reply["details"]["tokens"]] != expected.token_ids
