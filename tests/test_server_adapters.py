@@ -45,6 +45,7 @@ def test_adapters_from_the_hub_with_per_request_tokens(dirs: tuple[Path, Path], 
     with HubServer() as hub:
         hub.add_repo("acme/public-lora", adapter_dir)
         hub.add_repo("acme/private-lora", adapter_dir, token=TOKEN)
+        hub.add_repo("acme/private-lora-2", adapter_dir, token=TOKEN)
         env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "LORASERVE_CACHE": str(tmp_path / "cache"),
                "HF_TOKEN": "server-token-never-lent"}
         args = ["--model-id", str(base_dir), "--dtype", "float32", "--device", "cpu"]
@@ -64,8 +65,10 @@ def test_adapters_from_the_hub_with_per_request_tokens(dirs: tuple[Path, Path], 
             assert status == 200, reply
             assert [t["id"] for t in reply["details"]["tokens"]] == expected.token_ids
 
-            status, reply = post_json(url + "/generate", private, headers={"Authorization": f"Bearer {TOKEN}"})
+            second = {**body, "parameters": {**body["parameters"], "adapter_id": "acme/private-lora-2"}}
+            status, reply = post_json(url + "/generate", second, headers={"Authorization": f"Bearer {TOKEN}"})
             assert status == 200, reply  # the header's token is used when the body carries none
+            assert any(auth == f"Bearer {TOKEN}" for _, path, auth in hub.requests if "private-lora-2" in path)
 
             local = {**body, "parameters": {**body["parameters"], "adapter_id": str(adapter_dir),
                                             "adapter_source": "local"}}
