@@ -6,10 +6,13 @@ import asyncio
 import json
 from pathlib import Path
 
+import boto3
 import pytest
 import torch
+from moto.server import ThreadedMotoServer
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from server_process import free_port
 from tiny_models import save_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM
 
@@ -142,3 +145,30 @@ def test_bad_adapters_fail_only_their_own_requests(setup: tuple[Path, dict[str, 
     assert isinstance(wrong, AdapterLoadError) and "wrong base model" in str(wrong)
     assert isinstance(missing, AdapterNotFound)
     assert isinstance(broken, AdapterLoadError) and "cannot read" in str(broken)
+
+
+def test_adapter_from_s3_equals_the_local_copy(setup: tuple[Path, dict[str, Path]], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    base_dir, adapters = setup
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="adapters")
+        for file in adapters["r8-all"].iterdir():
+            s3.upload_file(str(file), "adapters", f"team/r8-all/{file.name}")
+        llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu", s3_endpoint_url=endpoint,
+                               cache_dir=tmp_path / "cache"))
+        params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+        from_s3, local = llm.generate(["Paris is"] * 2, params, [AdapterRef("s3://adapters/team/r8-all", "s3"),
+                                                                 AdapterRef(str(adapters["r8-all"]), "local")])
+        assert from_s3.token_ids == local.token_ids
+        with pytest.raises(AdapterNotFound):
+            llm.generate(["Paris is"], params, [AdapterRef("s3://adapters/team/missing", "s3")])
+    finally:
+        server.stop()

@@ -54,6 +54,7 @@ class EngineConfig:
     # Lend the server's HF token to adapter downloads of requests that bring none (LoRAX: LORAX_USE_GLOBAL_HF_TOKEN).
     # Off by default: it lets every client read what the server's token can read.
     adapter_uses_server_token: bool = False
+    s3_endpoint_url: str | None = field(default_factory=lambda: _env("S3_ENDPOINT_URL"))  # S3-compatible stores
     seed: int = 0  # seeds the shared generator of unseeded sampled requests
 
     def __post_init__(self) -> None:

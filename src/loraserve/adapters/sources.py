@@ -1,20 +1,26 @@
-"""Where an adapter's files come from: a local folder or the Hugging Face Hub (S3 is still to come)."""
+"""Where an adapter's files come from: a local folder, the Hugging Face Hub or S3 (any S3-compatible store)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from loraserve.errors import AdapterLoadError, AdapterNotFound, InvalidRequest
 
-SOURCES = ("hub", "local")
+SOURCES = ("hub", "local", "s3")
 _ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "tokenizer_config.json"]
 
 
-def resolve_adapter(adapter_id: str, source: str, token: str | None, cache_dir: Path) -> Path:
-    """The local folder holding `adapter_id`'s PEFT files, downloading from the Hub with `token` if needed."""
+def resolve_adapter(
+    adapter_id: str, source: str, token: str | None, cache_dir: Path, s3_endpoint_url: str | None = None
+) -> Path:
+    """The local folder holding `adapter_id`'s PEFT files, downloading from the Hub (with `token`) or S3 if needed."""
+    if source == "s3":
+        return _from_s3(adapter_id, cache_dir / "s3", s3_endpoint_url)
     if source == "local":
         path = Path(adapter_id).expanduser()
         if not path.is_dir():
@@ -31,3 +37,30 @@ def resolve_adapter(adapter_id: str, source: str, token: str | None, cache_dir: 
         raise AdapterNotFound(f"adapter {adapter_id!r} not found on the Hub: {error}") from error
     except Exception as error:  # noqa: BLE001 - network and server failures of every kind
         raise AdapterLoadError(f"adapter {adapter_id!r}: download failed: {error}") from error
+
+
+def _from_s3(adapter_id: str, cache_dir: Path, endpoint_url: str | None) -> Path:
+    """`s3://bucket/prefix` (or `bucket/prefix`): every object under the prefix, mirrored into the cache."""
+    bucket, _, prefix = adapter_id.removeprefix("s3://").partition("/")
+    if not bucket or not prefix:
+        raise InvalidRequest(f"an S3 adapter_id looks like s3://bucket/prefix; got {adapter_id!r}")
+    target = cache_dir / bucket / prefix
+    client = boto3.client("s3", endpoint_url=endpoint_url)
+    try:
+        keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                                            Prefix=prefix.rstrip("/") + "/")
+                for item in page.get("Contents", [])]
+        if not keys:
+            raise AdapterNotFound(f"adapter {adapter_id!r}: no objects under s3://{bucket}/{prefix}")
+        for key in keys:
+            destination = target / key[len(prefix.rstrip("/")) + 1 :]
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(destination))
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "NoSuchKey", "404", "AccessDenied", "403"):
+            raise AdapterNotFound(f"adapter {adapter_id!r} not found on S3: {error}") from error
+        raise AdapterLoadError(f"adapter {adapter_id!r}: S3 download failed: {error}") from error
+    except BotoCoreError as error:
+        raise AdapterLoadError(f"adapter {adapter_id!r}: S3 download failed: {error}") from error
+    return target

@@ -82,7 +82,7 @@ class Engine:
         )
         self.lora = (
             LoRAManager(loaded.model, config.max_active_adapters, config.max_lora_rank, dtype, device,
-                        config.cache_dir / "adapters")
+                        config.cache_dir / "adapters", config.s3_endpoint_url)
             if config.max_active_adapters
             else None
         )

@@ -41,8 +41,13 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts, {len(per_prompt)} parameter sets, {len(per_adapter)} adapters")
         requests = [self.engine.make_request(p, sp, adapter=a) for p, sp, a in zip(prompts, per_prompt, per_adapter)]
         completions = {r.request_id: Completion(r.request_id, len(r.prompt_token_ids)) for r in requests}
-        for request in requests:
-            self.engine.add(request)
+        for added, request in enumerate(requests):
+            try:
+                self.engine.add(request)
+            except Exception:
+                for earlier in requests[:added]:  # leave the engine as it was
+                    self.engine.abort(earlier.request_id)
+                raise
         while self.engine.has_work():
             for output in self.engine.step():
                 _accumulate(completions[output.request_id], output)

@@ -21,7 +21,7 @@ from loraserve.layers.lora import LoRASlots
 
 class LoRAManager:
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, cache_dir: Path) -> None:
+                 device: torch.device, cache_dir: Path, s3_endpoint_url: str | None = None) -> None:
         # Every projection inside the decoder layers takes LoRA; the lm_head's slots would cost vocab x rank each.
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear) and name != "lm_head"}
         for layer in self.layers.values():
@@ -30,6 +30,7 @@ class LoRAManager:
         self.dtype = dtype
         self.max_rank = max_rank
         self.cache_dir = cache_dir
+        self.s3_endpoint_url = s3_endpoint_url
         self.ranks = [0] * num_slots  # the largest rank held by each slot (0 = empty)
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recently used first
         self._users: Counter[int] = Counter()  # requests in flight per slot
@@ -40,7 +41,8 @@ class LoRAManager:
         slot = self._resident.get(key)
         if slot is None:
             adapter = load_peft_adapter(
-                resolve_adapter(adapter_id, source, token, self.cache_dir), adapter_id, self.projections, self.dtype
+                resolve_adapter(adapter_id, source, token, self.cache_dir, self.s3_endpoint_url), adapter_id,
+                self.projections, self.dtype,
             )
             if adapter.max_rank > self.max_rank:
                 raise AdapterLoadError(f"adapter {adapter_id!r} has rank {adapter.max_rank}; this server's slots hold "
