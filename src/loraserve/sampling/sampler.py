@@ -20,7 +20,7 @@ numbers.)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -103,6 +103,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     Repetition (HF's `RepetitionPenaltyLogitsProcessor`, TGI): every token seen in the prompt or the output, once,
     has a positive logit divided by the penalty and a negative one multiplied by it. Then frequency and presence
     (OpenAI): over output tokens only, `logit -= frequency * count + presence * (count > 0)`.
+
+    Only the (row, token) entries that occur are read and written, gathered for the whole batch at once: the cost
+    grows with the number of context tokens, not with rows x vocabulary.
     """
     repeat = [i for i, r in enumerate(rows) if (r.params.repetition_penalty or 1.0) != 1.0]
     additive = [i for i, r in enumerate(rows) if r.params.frequency_penalty or r.params.presence_penalty]
@@ -110,38 +113,38 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         return logits
     logits = logits.clone()
     if repeat:
-        seen = token_counts([chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in repeat], logits) > 0
-        penalty = torch.tensor([rows[i].params.repetition_penalty for i in repeat], dtype=logits.dtype,
-                               device=logits.device)[:, None]
-        values = logits[repeat]
-        logits[repeat] = torch.where(seen, torch.where(values > 0, values / penalty, values * penalty), values)
+        row, token, _ = occurrences(repeat, [chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in repeat],
+                                    logits)
+        penalty = _per_row([r.params.repetition_penalty or 1.0 for r in rows], logits)[row]
+        values = logits[row, token]
+        logits[row, token] = torch.where(values > 0, values / penalty, values * penalty)
     if additive:
-        counts = token_counts([rows[i].output_token_ids for i in additive], logits)
-        frequency, presence = (
-            torch.tensor([getattr(rows[i].params, name) or 0.0 for i in additive], dtype=logits.dtype,
-                         device=logits.device)[:, None]
-            for name in ("frequency_penalty", "presence_penalty")
-        )
-        logits[additive] -= frequency * counts + presence * (counts > 0)
+        row, token, count = occurrences(additive, [rows[i].output_token_ids for i in additive], logits)
+        frequency = _per_row([r.params.frequency_penalty or 0.0 for r in rows], logits)[row]
+        presence = _per_row([r.params.presence_penalty or 0.0 for r in rows], logits)[row]
+        logits[row, token] -= frequency * count.to(logits.dtype) + presence
     return logits
 
 
-def token_counts(token_lists: Sequence[Sequence[int]], like: torch.Tensor) -> torch.Tensor:
-    """`[len(token_lists), V]` occurrence counts, one row per list, with one scatter for the whole batch.
+def occurrences(
+    batch_rows: Sequence[int], token_lists: Sequence[Iterable[int]], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct (batch row, token) pairs of the lists (list j belongs to batch row `batch_rows[j]`) with their counts.
 
     Ids outside the logits' vocabulary (a tokenizer larger than the model's head) are ignored.
     """
     lists = [list(tokens) for tokens in token_lists]
     vocab = like.shape[1]
-    counts = torch.zeros(len(lists), vocab, dtype=like.dtype, device=like.device)
     flat = torch.tensor(list(chain.from_iterable(lists)), dtype=torch.int64, device=like.device)
-    if flat.numel() == 0:
-        return counts
-    row = torch.repeat_interleave(torch.arange(len(lists), device=like.device),
+    row = torch.repeat_interleave(torch.tensor(list(batch_rows), dtype=torch.int64, device=like.device),
                                   torch.tensor([len(tokens) for tokens in lists], device=like.device))
     inside = (flat >= 0) & (flat < vocab)
-    return counts.index_put_((row[inside], flat[inside]), torch.ones((), dtype=like.dtype, device=like.device),
-                             accumulate=True)
+    keys, counts = torch.unique(row[inside] * vocab + flat[inside], return_counts=True)
+    return keys // vocab, keys % vocab, counts
+
+
+def _per_row(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 def warped_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
