@@ -74,19 +74,23 @@ class SamplingParams:
                "`typical_p` must be > 0.0 and <= 1.0")
         _check(_number_or_none(self.min_p) and (self.min_p is None or 0 <= self.min_p <= 1),
                "`min_p` must be >= 0.0 and <= 1.0")
-        _check(_number_or_none(self.repetition_penalty) and (self.repetition_penalty is None or self.repetition_penalty > 0),
+        penalty = self.repetition_penalty
+        _check(_number_or_none(penalty) and (penalty is None or penalty > 0),
                "`repetition_penalty` must be strictly positive")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
-            _check(_number_or_none(value) and (value is None or -2 <= value <= 2), f"`{name}` must be >= -2.0 and <= 2.0")
+            _check(_number_or_none(value) and (value is None or -2 <= value <= 2),
+                   f"`{name}` must be >= -2.0 and <= 2.0")
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64),
                "`seed` must be an unsigned 64-bit integer (0 to 2^64 - 1)")
         _check(isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
                "`stop` must be a list of non-empty strings")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "`stop_token_ids` must be non-negative integers")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+               "`stop_token_ids` must be non-negative integers")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"`logprobs` must be >= 0 and <= {MAX_LOGPROBS}")
-        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+        prompt = self.prompt_logprobs
+        _check(prompt is None or (_is_int(prompt) and 0 <= prompt <= MAX_LOGPROBS),
                f"`prompt_logprobs` must be >= 0 and <= {MAX_LOGPROBS}")
 
 

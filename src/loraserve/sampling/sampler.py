@@ -113,8 +113,8 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         return logits
     logits = logits.clone()
     if repeat:
-        row, token, _ = occurrences(repeat, [chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in repeat],
-                                    logits)
+        contexts = [chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in repeat]
+        row, token, _ = occurrences(repeat, contexts, logits)
         penalty = _per_row([r.params.repetition_penalty or 1.0 for r in rows], logits)[row]
         values = logits[row, token]
         logits[row, token] = torch.where(values > 0, values / penalty, values * penalty)
@@ -192,7 +192,8 @@ def _nucleus(scores: torch.Tensor, limits: torch.Tensor, candidates: int = 1024)
     mass_before = top_probs.cumsum(dim=-1) - top_probs
     covered = mass_before[:, -1] + top_probs[:, -1] >= limits
     keep = mass_before < limits[:, None]
-    kept_scores = torch.full_like(scores, float("-inf")).scatter(1, top_ids, top_scores.masked_fill(~keep, float("-inf")))
+    kept_top = top_scores.masked_fill(~keep, float("-inf"))
+    kept_scores = torch.full_like(scores, float("-inf")).scatter(1, top_ids, kept_top)
     if covered.all():
         return kept_scores
     wide = (~covered).nonzero().squeeze(1)
@@ -204,7 +205,8 @@ def _nucleus(scores: torch.Tensor, limits: torch.Tensor, candidates: int = 1024)
 
 
 def _typical(scores: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
-    """Locally typical sampling (Meister et al.): keep tokens whose surprise is closest to the entropy, up to the mass."""
+    """Locally typical sampling (Meister et al.): keep the tokens whose surprise is closest to the entropy, up to
+    the mass."""
     log_probs = scores.log_softmax(dim=-1)
     probs = log_probs.exp()
     entropy = -(probs * log_probs).nan_to_num().sum(dim=-1, keepdim=True)
