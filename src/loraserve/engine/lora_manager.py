@@ -54,6 +54,10 @@ class LoRAManager:
         self._users[slot] += 1
         return slot
 
+    def resident(self) -> list[str]:
+        """Ids of the adapters in slots now, most recently used last."""
+        return [key.split(":", 1)[1] for key in self._resident]
+
     def release(self, slot: int) -> None:
         self._users[slot] -= 1
 

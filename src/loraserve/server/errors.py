@@ -28,15 +28,23 @@ def error_body(message: str, error_type: str) -> dict[str, str]:
     return {"error": message, "error_type": error_type}
 
 
+def _reply(request: Request, message: str, error_type: str, status: int) -> JSONResponse:
+    """LoRAX's `{error, error_type}` body, or OpenAI's `{error: {message, type, param, code}}` under /v1."""
+    if request.url.path.startswith("/v1/"):
+        body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+        return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(message, error_type), status_code=status)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
         details = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in error.errors()
         )
-        return JSONResponse(error_body(f"Input validation error: {details}", "validation"), status_code=422)
+        return _reply(request, f"Input validation error: {details}", "validation", 422)
 
     @app.exception_handler(LoraserveError)
-    async def _engine(_: Request, error: LoraserveError) -> JSONResponse:
+    async def _engine(request: Request, error: LoraserveError) -> JSONResponse:
         status, error_type = status_for(error)
-        return JSONResponse(error_body(str(error), error_type), status_code=status)
+        return _reply(request, str(error), error_type, status)

@@ -1,0 +1,275 @@
+"""`/v1/completions`, `/v1/chat/completions`, `/v1/models`. `model` names the adapter ("" or the base id = none).
+
+Where LoRAX's OpenAI layer is loose, these follow OpenAI: a stop sequence ends with finish_reason "stop" and is not
+part of the text, ids are unique, the requested `model` is echoed, streams end with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from loraserve import __version__
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.engine import RequestOutput, TokenInfo
+from loraserve.engine.llm import Completion as EngineCompletion
+from loraserve.engine.llm import collect
+from loraserve.engine.request import AdapterRef, FinishReason
+from loraserve.errors import InvalidRequest
+from loraserve.sampling.params import SamplingParams
+from loraserve.server.errors import status_for
+from loraserve.server.openai.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Delta,
+    SamplingFields,
+    TokenLogprob,
+    Usage,
+)
+from loraserve.server.sse import sse_event
+
+router = APIRouter(prefix="/v1")
+FINGERPRINT = f"loraserve-{__version__}"
+
+
+def _engine(request: Request) -> AsyncEngine:
+    return request.app.state.engine
+
+
+@router.get("/models")
+async def models(request: Request) -> dict:
+    engine = _engine(request).engine
+    created = int(time.time())
+    entries = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "loraserve"}]
+    if engine.lora is not None:
+        entries += [{"id": name, "object": "model", "created": created, "owned_by": "loraserve",
+                     "parent": engine.model_name} for name in engine.lora.resident()]
+    return {"object": "list", "data": entries}
+
+
+@router.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
+    params = _params(body, body.max_tokens or 16, body.logprobs)
+    return await _serve(request, body, body.prompt, params, streaming_completion, completion_reply)
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
+    tokenizer = _engine(request).engine.tokenizer
+    messages = [message.model_dump(exclude_none=True) for message in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # noqa: BLE001 - jinja and template errors of every kind are the caller's input
+        raise InvalidRequest(f"cannot apply the chat template: {error}") from error
+    prompt = tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS
+    top = body.top_logprobs if body.logprobs else None
+    params = _params(body, body.max_completion_tokens or body.max_tokens, top)
+    return await _serve(request, body, prompt, params, streaming_chat, chat_reply)
+
+
+def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(
+        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        min_p=body.min_p, repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty, seed=body.seed, stop=stop, include_stop_in_output=False,
+        ignore_eos=body.ignore_eos, chosen_logprob=logprobs is not None, logprobs=logprobs or None,
+    )
+
+
+def _adapter(body: SamplingFields, request: Request) -> AdapterRef | None:
+    engine = _engine(request).engine
+    if body.model in ("", engine.model_name):
+        return None
+    token = body.api_token
+    authorization = request.headers.get("authorization") or ""
+    if token is None and authorization.lower().startswith("bearer "):
+        token = authorization[7:].strip() or None
+    if token is None and engine.config.adapter_uses_server_token:
+        token = engine.config.hf_token
+    return AdapterRef(body.model, body.adapter_source or "hub", token)
+
+
+async def _serve(request: Request, body: SamplingFields, prompt: str | list[int], params: SamplingParams,
+                 streamer: Callable, replier: Callable):
+    """Start the `n` generations (validation errors raise here, as HTTP errors), then reply or stream."""
+    engine = _engine(request)
+    adapter = _adapter(body, request)
+    release = request.app.state.admission.acquire()
+    try:
+        # n > 1: distinct seeds per choice, so seeded choices differ from each other but each is reproducible
+        streams = [engine.generate(prompt, _choice_params(params, i), adapter=adapter) for i in range(body.n)]
+    except Exception:
+        release()
+        raise
+    meta = (body.model or engine.engine.model_name, int(time.time()))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = streamer(engine, streams, meta, include_usage, release)
+        return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release),
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        results = await asyncio.gather(*(collect(stream) for stream in streams))
+    finally:
+        release()
+    return replier(engine, results, meta)
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    if index == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=params.seed + index)
+
+
+def _finish(reason: FinishReason | None) -> str:
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+def _usage(results: list[EngineCompletion]) -> Usage:
+    prompt = results[0].prompt_tokens
+    completion = sum(len(r.tokens) for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _chat_logprobs(engine: AsyncEngine, tokens: list[TokenInfo]) -> ChoiceLogprobs | None:
+    if not tokens or tokens[0].logprob is None:
+        return None
+    decode = engine.engine.tokenizer.decode
+    return ChoiceLogprobs(content=[
+        TokenLogprob(token=decode([t.id]), logprob=t.logprob,
+                     top_logprobs=[{"token": s, "logprob": lp, "bytes": list(s.encode())}
+                                   for _, s, lp in t.top_logprobs or []])
+        for t in tokens
+    ])
+
+
+def completion_reply(engine: AsyncEngine, results: list[EngineCompletion], meta: tuple[str, int]) -> Completion:
+    choices = []
+    for index, result in enumerate(results):
+        logprobs = None
+        if result.tokens and result.tokens[0].logprob is not None:
+            decode = engine.engine.tokenizer.decode
+            logprobs = CompletionLogprobs(
+                tokens=[decode([t.id]) for t in result.tokens],
+                token_logprobs=[t.logprob for t in result.tokens],
+                top_logprobs=[{s: lp for _, s, lp in t.top_logprobs or []} for t in result.tokens],
+            )
+        choices.append(CompletionChoice(index=index, text=result.text, logprobs=logprobs,
+                                        finish_reason=_finish(result.finish_reason)))
+    return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=meta[1], model=meta[0],
+                      system_fingerprint=FINGERPRINT, choices=choices, usage=_usage(results))
+
+
+def chat_reply(engine: AsyncEngine, results: list[EngineCompletion], meta: tuple[str, int]) -> ChatCompletion:
+    choices = [
+        ChatChoice(index=i, message=AssistantMessage(content=r.text), logprobs=_chat_logprobs(engine, r.tokens),
+                   finish_reason=_finish(r.finish_reason))
+        for i, r in enumerate(results)
+    ]
+    return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=meta[1], model=meta[0],
+                          system_fingerprint=FINGERPRINT, choices=choices, usage=_usage(results))
+
+
+async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the choices' outputs as they come; closing this closes (and so aborts) every stream."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                await queue.put((index, output))
+        except Exception as error:  # noqa: BLE001 - forwarded to the response
+            await queue.put((index, error))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+async def _events(engine: AsyncEngine, streams: list, meta: tuple[str, int], include_usage: bool,
+                  release: Callable[[], None], chunk: Callable) -> AsyncIterator[str]:
+    counts = {"prompt": 0, "completion": 0}
+    try:
+        for index in range(len(streams)):
+            first = chunk(index, None, None, True)
+            if first is not None:
+                yield sse_event(first)
+        async for index, output in _merged(streams):
+            counts["prompt"] = output.prompt_tokens
+            counts["completion"] += len(output.tokens)
+            reason = _finish(output.finish_reason) if output.finished else None
+            yield sse_event(chunk(index, output, reason, False))
+        if include_usage:
+            usage = Usage(prompt_tokens=counts["prompt"], completion_tokens=counts["completion"],
+                          total_tokens=counts["prompt"] + counts["completion"])
+            yield sse_event(chunk(None, None, None, False, usage))
+    except Exception as error:  # noqa: BLE001 - the status is sent: report in-band, as OpenAI's SDK expects
+        status, kind = status_for(error)
+        yield sse_event({"error": {"message": str(error), "type": kind, "param": None, "code": status}})
+    finally:
+        release()
+    yield "data: [DONE]\n\n"
+
+
+def streaming_completion(engine: AsyncEngine, streams: list, meta: tuple[str, int], include_usage: bool,
+                         release: Callable[[], None]) -> AsyncIterator[str]:
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+
+    def chunk(index, output, reason, opening, usage=None):  # noqa: ANN001, ANN202 - local adapter
+        if opening:
+            return None  # completions streams have no role chunk
+        choices = [] if output is None else [CompletionChoice(index=index, text=output.text, finish_reason=reason)]
+        return Completion(id=completion_id, created=meta[1], model=meta[0], system_fingerprint=FINGERPRINT,
+                          choices=choices, usage=usage)
+
+    return _events(engine, streams, meta, include_usage, release, chunk)
+
+
+def streaming_chat(engine: AsyncEngine, streams: list, meta: tuple[str, int], include_usage: bool,
+                   release: Callable[[], None]) -> AsyncIterator[str]:
+    chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+
+    def chunk(index, output, reason, opening, usage=None):  # noqa: ANN001, ANN202 - local adapter
+        if output is None and not opening:
+            choices = []
+        elif opening:
+            choices = [ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))]
+        else:
+            choices = [ChatChunkChoice(index=index, delta=Delta(role="assistant", content=output.text),
+                                       logprobs=_chat_logprobs(engine, output.tokens), finish_reason=reason)]
+        return ChatCompletionChunk(id=chat_id, created=meta[1], model=meta[0], system_fingerprint=FINGERPRINT,
+                                   choices=choices, usage=usage)
+
+    return _events(engine, streams, meta, include_usage, release, chunk)
+
