@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from server_process import post_json, running_server
 from tiny_models import save_tiny_model, tiny_config
 
@@ -86,3 +87,19 @@ def test_over_max_concurrent_requests_answers_429_at_once(model_dir: Path, tmp_p
         assert len(events) == 99  # the stream in flight was not disturbed
         status, _ = post_json(url + "/generate", {"inputs": "Paris", "parameters": {"max_new_tokens": 2}})
         assert status == 200
+
+
+def test_metrics_are_prometheus_text_and_count_requests(server: str) -> None:
+    status, _ = post_json(server + "/generate", {"inputs": "Paris", "parameters": {"max_new_tokens": 3,
+                                                                                   "ignore_eos_token": True}})
+    assert status == 200
+    with urllib.request.urlopen(server + "/metrics") as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    ttft = families["loraserve:time_to_first_token_seconds"]
+    assert sum(s.value for s in ttft.samples if s.name.endswith("_count")) >= 1
+    generated = families["loraserve:generation_tokens"]
+    assert sum(s.value for s in generated.samples if s.name.endswith("_total")) >= 3
+    for name in ("loraserve:num_requests_running", "loraserve:num_requests_waiting", "loraserve:kv_cache_usage_perc",
+                 "loraserve:e2e_request_latency_seconds", "loraserve:request_success", "loraserve:lora_requests_info"):
+        assert name in families, name

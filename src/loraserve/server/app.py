@@ -14,6 +14,7 @@ from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import Engine
 from loraserve.server.admission import ConcurrencyLimit
 from loraserve.server.errors import install_error_handlers
+from loraserve.server.metrics import Metrics
 from loraserve.server.lorax.routes import router as lorax_router
 from loraserve.server.openai.routes import router as openai_router
 
@@ -33,6 +34,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig) -> FastAPI:
     app.state.engine = engine
     app.state.server_config = server_config
     app.state.admission = ConcurrencyLimit(server_config.max_concurrent_requests)
+    app.state.metrics = Metrics(engine)
     install_error_handlers(app)
     app.include_router(lorax_router)
     app.include_router(openai_router)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
 from loraserve.engine.async_engine import AsyncEngine
@@ -36,6 +37,10 @@ def _engine(request: Request) -> AsyncEngine:
     return request.app.state.engine
 
 
+def _label(adapter: AdapterRef | None) -> str:
+    return adapter.adapter_id if adapter is not None else ""
+
+
 def _adapter(body: GenerateRequest, request: Request) -> AdapterRef | None:
     config = _engine(request).engine.config
     server_token = config.hf_token if config.adapter_uses_server_token else None
@@ -48,7 +53,8 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     adapter = _adapter(body, request)
     release = request.app.state.admission.acquire()
     try:
-        completion = await collect(_engine(request).generate(body.inputs, params, adapter=adapter))
+        outputs = _engine(request).generate(body.inputs, params, adapter=adapter)
+        completion = await collect(request.app.state.metrics.observed(outputs, _label(adapter)))
     finally:
         release()
     text = body.inputs + completion.text if body.parameters.return_full_text else completion.text
@@ -63,7 +69,9 @@ async def generate_stream(body: GenerateRequest, request: Request) -> StreamingR
     adapter = _adapter(body, request)
     release = request.app.state.admission.acquire()
     try:
-        outputs = _engine(request).generate(body.inputs, params, adapter=adapter)
+        outputs = request.app.state.metrics.observed(
+            _engine(request).generate(body.inputs, params, adapter=adapter), _label(adapter)
+        )
     except Exception:
         release()
         raise
@@ -126,6 +134,11 @@ def _details(completion: Completion, seed: int | None) -> Details:
         prefill=[],
         tokens=[_token(t) for t in completion.tokens],
     )
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health")

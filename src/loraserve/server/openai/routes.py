@@ -114,7 +114,10 @@ async def _serve(request: Request, body: SamplingFields, prompt: str | list[int]
     release = request.app.state.admission.acquire()
     try:
         # n > 1: distinct seeds per choice, so seeded choices differ from each other but each is reproducible
-        streams = [engine.generate(prompt, _choice_params(params, i), adapter=adapter) for i in range(body.n)]
+        label = adapter.adapter_id if adapter is not None else ""
+        streams = [request.app.state.metrics.observed(engine.generate(prompt, _choice_params(params, i),
+                                                                      adapter=adapter), label)
+                   for i in range(body.n)]
     except Exception:
         release()
         raise
