@@ -26,6 +26,7 @@ _ENGINE_FLAGS = {
     "block_size": "tokens per KV block",
     "max_active_adapters": "LoRA adapters resident in the model at once (0 disables LoRA)",
     "max_lora_rank": "largest LoRA rank a slot holds",
+    "adapter_memory": "bytes of adapters kept in host memory beyond the active slots",
     "adapter_uses_server_token": "true: adapter downloads without a token of their own use the server's HF_TOKEN",
 }
 _SERVER_FLAGS = {

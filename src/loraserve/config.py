@@ -49,6 +49,7 @@ class EngineConfig:
     block_size: int = 16
     max_active_adapters: int = 8  # LoRA slots in the model (adapters batched together); 0 disables LoRA
     max_lora_rank: int = 16  # vLLM's default; slot memory grows with it
+    adapter_memory: int = 1 << 30  # bytes of adapters kept in host memory (LRU) beyond the active slots
     cache_dir: Path = field(default_factory=default_cache_dir)
     hf_token: str | None = field(default_factory=hf_token_from_env)
     # Lend the server's HF token to adapter downloads of requests that bring none (LoRAX: LORAX_USE_GLOBAL_HF_TOKEN).
@@ -63,7 +64,7 @@ class EngineConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("max_input_length", "max_total_tokens", "max_batch_prefill_tokens", "max_running_requests",
-                     "block_size", "kv_cache_memory", "max_lora_rank"):
+                     "block_size", "kv_cache_memory", "max_lora_rank", "adapter_memory"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_active_adapters < 0:
@@ -128,6 +129,7 @@ FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "block_size": ("BLOCK_SIZE", int),
     "max_active_adapters": ("MAX_ACTIVE_ADAPTERS", int),
     "max_lora_rank": ("MAX_LORA_RANK", int),
+    "adapter_memory": ("ADAPTER_MEMORY", int),
     "adapter_uses_server_token": ("LORAX_USE_GLOBAL_HF_TOKEN", _flag_bool),
     "hostname": ("LORASERVE_HOSTNAME", str),
     "port": ("PORT", int),

@@ -58,16 +58,22 @@ class AsyncEngine:
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
         adapter: AdapterRef | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Validate and enqueue now (raising `InvalidRequest` here, before any response is started), and return the
-        stream of the request's outputs; the last has `finished` set. Must be called from the event loop."""
+        """Validate now (raising `InvalidRequest` here, before any response is started) and return the stream of the
+        request's outputs; iterating it loads the adapter into host memory off the step loop, enqueues the request
+        and yields outputs until the last, which has `finished` set. Must be called from the event loop."""
         if not self.is_running:
             raise EngineDead("the engine's step loop is not running")
         request = self.engine.make_request(prompt, params, request_id, adapter)
+        return self._outputs(request)
+
+    async def _outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
+        if request.adapter is not None:
+            # Off the step loop: other requests keep decoding while this adapter is read or downloaded.
+            ref = request.adapter
+            await asyncio.to_thread(self.engine.lora.host.get, ref.adapter_id, ref.source, ref.token)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._send("add", (request, stream))
-        return self._outputs(request.request_id, stream)
-
-    async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        request_id = request.request_id
         finished = False
         try:
             while not finished:

@@ -77,14 +77,15 @@ class Engine:
             )
         allocate_kv_cache(layers, num_blocks, config.block_size, dtype, device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        scheduler = Scheduler(
-            SchedulerLimits(config.max_batch_prefill_tokens, config.max_running_requests), self.block_manager
-        )
         self.lora = (
             LoRAManager(loaded.model, config.max_active_adapters, config.max_lora_rank, dtype, device,
-                        config.cache_dir / "adapters", config.s3_endpoint_url)
+                        config.cache_dir / "adapters", config.s3_endpoint_url, config.adapter_memory)
             if config.max_active_adapters
             else None
+        )
+        scheduler = Scheduler(
+            SchedulerLimits(config.max_batch_prefill_tokens, config.max_running_requests), self.block_manager,
+            self._take_adapter_slot if self.lora is not None else None,
         )
         runner = ModelRunner(loaded.model, config.block_size, device, config.seed,
                              self.lora.ranks if self.lora is not None else None)
@@ -131,10 +132,11 @@ class Engine:
         )
 
     def add(self, request: Request) -> None:
-        """Queue a request made by `make_request`; loads its adapter into a slot first (its errors raise here)."""
+        """Queue a request made by `make_request`. Its adapter is read into host memory first if it is not there yet
+        (its errors raise here; `AsyncEngine` has already done this off the loop); a slot is taken at admission."""
         if request.adapter is not None:
             ref = request.adapter
-            request.adapter_slot = self.lora.acquire(ref.adapter_id, ref.source, ref.token)
+            self.lora.host.get(ref.adapter_id, ref.source, ref.token)
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             request.prompt_token_ids,
@@ -199,6 +201,17 @@ class Engine:
         return RequestOutput(
             request.request_id, [token], text, len(request.prompt_token_ids), len(request.output_token_ids)
         )
+
+    def _take_adapter_slot(self, request: Request) -> bool:
+        """The scheduler's gate: True once the request holds a slot for its adapter (or needs none)."""
+        if request.adapter is None or request.adapter_slot >= 0:
+            return True
+        ref = request.adapter
+        slot = self.lora.try_acquire(ref.adapter_id, ref.source, ref.token)
+        if slot is None:
+            return False
+        request.adapter_slot = slot
+        return True
 
     def _release_adapter(self, request: Request) -> None:
         if request.adapter_slot >= 0:

@@ -1,7 +1,9 @@
-"""Which adapters sit in the model's LoRA slots: loaded on first use, the least recently used idle one evicted.
+"""Which adapters sit in the model's LoRA slots: copied in from the host tier on first use, the least recently used
+idle one evicted.
 
-This is the device tier only; a host-memory and disk tier with loading off the step loop are still to come. Slots are
-filled from the step loop's thread, between steps, so a forward never reads a slot being written.
+Three tiers: files on disk (the Hub cache, the S3 mirror, local folders), `HostAdapterCache` in memory, and these
+device slots. The async front loads into the host tier from a worker thread before a request enters the engine, so
+the step loop only copies tensors into a slot (between steps: a forward never reads a slot being written).
 """
 
 from __future__ import annotations
@@ -12,42 +14,41 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraserve.adapters.peft import LoRAAdapter, load_peft_adapter
-from loraserve.adapters.sources import resolve_adapter
-from loraserve.errors import AdapterLoadError, Overloaded
+from loraserve.adapters.cache import HostAdapterCache
+from loraserve.adapters.peft import LoRAAdapter
+from loraserve.errors import AdapterLoadError
 from loraserve.layers.linear import Linear
 from loraserve.layers.lora import LoRASlots
 
 
 class LoRAManager:
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, cache_dir: Path, s3_endpoint_url: str | None = None) -> None:
+                 device: torch.device, cache_dir: Path, s3_endpoint_url: str | None = None,
+                 host_bytes: int = 1 << 30) -> None:
         # Every projection inside the decoder layers takes LoRA; the lm_head's slots would cost vocab x rank each.
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear) and name != "lm_head"}
         for layer in self.layers.values():
             layer.lora = LoRASlots(layer.in_features, layer.out_features, num_slots, max_rank, dtype, device)
-        self.projections = {name: (m.in_features, m.out_features) for name, m in self.layers.items()}
-        self.dtype = dtype
+        projections = {name: (m.in_features, m.out_features) for name, m in self.layers.items()}
+        self.host = HostAdapterCache(projections, dtype, cache_dir, s3_endpoint_url, host_bytes)
         self.max_rank = max_rank
-        self.cache_dir = cache_dir
-        self.s3_endpoint_url = s3_endpoint_url
         self.ranks = [0] * num_slots  # the largest rank held by each slot (0 = empty)
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recently used first
         self._users: Counter[int] = Counter()  # requests in flight per slot
 
-    def acquire(self, adapter_id: str, source: str, token: str | None) -> int:
-        """The slot holding the adapter, loading it if needed; the caller must `release` it when done."""
+    def try_acquire(self, adapter_id: str, source: str, token: str | None) -> int | None:
+        """The slot holding the adapter (copied in from the host tier if needed), or None while every slot is held by
+        requests in flight; the caller must `release` a slot it got."""
         key = f"{source}:{adapter_id}"
         slot = self._resident.get(key)
         if slot is None:
-            adapter = load_peft_adapter(
-                resolve_adapter(adapter_id, source, token, self.cache_dir, self.s3_endpoint_url), adapter_id,
-                self.projections, self.dtype,
-            )
+            adapter = self.host.get(adapter_id, source, token)
             if adapter.max_rank > self.max_rank:
                 raise AdapterLoadError(f"adapter {adapter_id!r} has rank {adapter.max_rank}; this server's slots hold "
                                        f"at most {self.max_rank} (--max-lora-rank)")
             slot = self._free_slot()
+            if slot is None:
+                return None
             self._write(slot, adapter)
             self._resident[key] = slot
         self._resident.move_to_end(key)
@@ -61,7 +62,7 @@ class LoRAManager:
     def release(self, slot: int) -> None:
         self._users[slot] -= 1
 
-    def _free_slot(self) -> int:
+    def _free_slot(self) -> int | None:
         used = set(self._resident.values())
         for slot in range(len(self.ranks)):
             if slot not in used:
@@ -70,7 +71,7 @@ class LoRAManager:
             if self._users[slot] == 0:
                 del self._resident[key]
                 return slot
-        raise Overloaded(f"all {len(self.ranks)} adapter slots are held by requests in flight")
+        return None
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         for name, layer in self.layers.items():

@@ -6,7 +6,8 @@ request's next tokens, the newest running request is preempted: its blocks are f
 the queue, to be recomputed from its prompt and the tokens it already produced (nothing is lost; the sampler's seeded
 draws depend only on the request, so even sampled output is unchanged). If nothing was preempted, waiting requests
 are admitted in arrival order while the budget, the sequence cap and the pool allow; a prompt longer than the
-remaining budget is admitted with a first chunk and continues next step.
+remaining budget is admitted with a first chunk and continues next step. A request whose adapter cannot get a LoRA
+slot yet (all slots held by requests in flight) is passed over and keeps its place; the others go ahead.
 
 Pure Python, no torch: it is tested with synthetic requests.
 """
@@ -14,6 +15,7 @@ Pure Python, no torch: it is tested with synthetic requests.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loraserve.engine.block_manager import BlockManager
@@ -28,11 +30,15 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager) -> None:
+    def __init__(
+        self, limits: SchedulerLimits, block_manager: BlockManager,
+        adapter_gate: Callable[[Request], bool] | None = None,
+    ) -> None:
         if limits.max_batch_tokens < 1 or limits.max_running < 1:
             raise ValueError(f"scheduler limits must be >= 1, got {limits}")
         self.limits = limits
         self.blocks = block_manager
+        self.adapter_gate = adapter_gate  # gives a request its LoRA slot; False when none is free
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -75,8 +81,12 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        passed_over: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_running:
             request = self.waiting[0]
+            if self.adapter_gate is not None and not self.adapter_gate(request):
+                passed_over.append(self.waiting.popleft())
+                continue
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.blocks.try_allocate(request, num_tokens):
                 break
@@ -85,6 +95,7 @@ class Scheduler:
             self.running.append(request)
             output.chunks.append(ScheduledChunk(request, num_tokens))
             budget -= num_tokens
+        self.waiting.extendleft(reversed(passed_over))
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

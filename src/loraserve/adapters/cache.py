@@ -1,0 +1,90 @@
+"""The host-memory tier of adapters: read once from disk (or downloaded once to it), kept in an LRU bounded in bytes.
+
+Thread-safe and single-flight: the async front calls `get` from worker threads so that reading and downloading never
+run on the step loop, and concurrent requests for one cold adapter share one load. A failure is remembered for
+`failure_ttl` seconds per (adapter, token), so a broken adapter fails its requests at once instead of being fetched
+again for each; a request with another token still gets its own try.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+
+from loraserve.adapters.peft import LoRAAdapter, load_peft_adapter
+from loraserve.adapters.sources import resolve_adapter
+from loraserve.errors import LoraserveError
+
+
+class HostAdapterCache:
+    def __init__(self, projections: dict[str, tuple[int, int]], dtype: torch.dtype, cache_dir: Path,
+                 s3_endpoint_url: str | None, max_bytes: int, failure_ttl: float = 30.0) -> None:
+        self.projections = projections
+        self.dtype = dtype
+        self.cache_dir = cache_dir
+        self.s3_endpoint_url = s3_endpoint_url
+        self.max_bytes = max_bytes
+        self.failure_ttl = failure_ttl
+        self.loads = 0
+        self.hits = 0
+        self.evictions = 0
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, LoRAAdapter] = OrderedDict()  # least recently used first
+        self._bytes = 0
+        self._loading: dict[str, Future] = {}
+        self._failures: dict[tuple[str, str | None], tuple[LoraserveError, float]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def get(self, adapter_id: str, source: str, token: str | None) -> LoRAAdapter:
+        """The adapter, from memory or loaded now (blocking); raises the adapter's own error if it cannot load."""
+        key = f"{source}:{adapter_id}"
+        with self._lock:
+            adapter = self._entries.get(key)
+            if adapter is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return adapter
+            failure = self._failures.get((key, token))
+            if failure is not None and time.monotonic() - failure[1] < self.failure_ttl:
+                raise failure[0]
+            future = self._loading.get(key)
+            owner = future is None
+            if owner:
+                future = self._loading[key] = Future()
+        if not owner:
+            return future.result()
+        try:
+            path = resolve_adapter(adapter_id, source, token, self.cache_dir, self.s3_endpoint_url)
+            adapter = load_peft_adapter(path, adapter_id, self.projections, self.dtype)
+        except LoraserveError as error:
+            with self._lock:
+                self._failures[(key, token)] = (error, time.monotonic())
+                del self._loading[key]
+            future.set_exception(error)
+            raise
+        with self._lock:
+            self._store(key, adapter)
+            del self._loading[key]
+        future.set_result(adapter)
+        return adapter
+
+    def _store(self, key: str, adapter: LoRAAdapter) -> None:
+        self._entries[key] = adapter
+        self._bytes += adapter.nbytes
+        self.loads += 1
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
+            self.evictions += 1
