@@ -33,4 +33,5 @@ class LoRASlots:
         if batch is None:
             return y
         delta = lora_delta(x, self.a, self.b, batch)
-        return y.index_add(0, batch.rows, delta.to(y.dtype))
+        # index_put_ with accumulate: microseconds here, where index_add takes milliseconds on the CPU
+        return y.index_put_((batch.rows,), delta.to(y.dtype), accumulate=True)
