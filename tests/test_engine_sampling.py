@@ -11,7 +11,6 @@ from tiny_models import save_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM
 
 from loraserve.config import EngineConfig
-from loraserve.engine.engine import Engine
 from loraserve.engine.llm import LLM
 from loraserve.engine.request import FinishReason
 from loraserve.sampling.params import SamplingParams

@@ -10,10 +10,10 @@ import boto3
 import pytest
 import torch
 from moto.server import ThreadedMotoServer
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from server_process import free_port
-from tiny_models import save_tiny_model, tiny_config
+from tiny_models import save_random_adapter, save_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM
 
 from loraserve.config import EngineConfig
@@ -43,17 +43,8 @@ PROMPTS = ["The quick brown fox", "Paris is the capital", "def add(a, b):", "Onc
 def build_adapters(architecture: str, root: Path) -> tuple[Path, dict[str, Path]]:
     """A tiny base model of `architecture` and one PEFT adapter per entry of ADAPTERS, saved under `root`."""
     base_dir = save_tiny_model(tiny_config(architecture), root / "base")
-    adapters = {}
-    for seed, (name, options) in enumerate(ADAPTERS.items()):
-        torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **options))
-        with torch.no_grad():  # PEFT's non-default init is small; make each adapter change the output clearly
-            for param_name, param in peft_model.named_parameters():
-                if "lora_" in param_name:
-                    param.mul_(4.0)
-        adapters[name] = root / name
-        peft_model.save_pretrained(adapters[name])
+    adapters = {name: save_random_adapter(base_dir, root / name, seed, **options)
+                for seed, (name, options) in enumerate(ADAPTERS.items())}
     return base_dir, adapters
 
 

@@ -7,12 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from lorax import AsyncClient, Client
-from peft import LoraConfig, get_peft_model
 from server_process import running_server
-from tiny_models import save_tiny_model, tiny_config
-from transformers import AutoModelForCausalLM
+from tiny_models import save_random_adapter, save_tiny_model, tiny_config
 
 from loraserve.config import EngineConfig
 from loraserve.engine.llm import LLM
@@ -26,16 +23,9 @@ PROMPT = "Paris is the capital"
 def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("lorax-client")
     base_dir = save_tiny_model(tiny_config("mistral"), root / "base")
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj", "up_proj"],
-                                      init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.mul_(4.0)
-    model.save_pretrained(root / "adapter")
-    return base_dir, root / "adapter"
+    adapter = save_random_adapter(base_dir, root / "adapter", seed=1, r=4, lora_alpha=16,
+                                  target_modules=["q_proj", "o_proj", "up_proj"])
+    return base_dir, adapter
 
 
 @pytest.fixture(scope="module")

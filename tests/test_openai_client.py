@@ -8,11 +8,9 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
 from server_process import running_server
-from tiny_models import save_tiny_model, tiny_config
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny_models import save_random_adapter, save_tiny_model, tiny_config
+from transformers import AutoTokenizer
 
 from loraserve.config import EngineConfig
 from loraserve.engine.llm import LLM
@@ -29,15 +27,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.chat_template = files("loraserve").joinpath("templates", "gemma3.jinja").read_text()
     tokenizer.save_pretrained(base_dir)
-    torch.manual_seed(2)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "gate_proj"],
-                                      init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.mul_(4.0)
-    model.save_pretrained(root / "adapter")
+    save_random_adapter(base_dir, root / "adapter", seed=2, r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "gate_proj"])
     return base_dir, root / "adapter"
 
 

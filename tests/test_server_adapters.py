@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from hub_server import HubServer
-from peft import LoraConfig, get_peft_model
 from server_process import post_json, running_server
-from tiny_models import save_tiny_model, tiny_config
-from transformers import AutoModelForCausalLM
+from tiny_models import save_random_adapter, save_tiny_model, tiny_config
 
 from loraserve.config import EngineConfig
 from loraserve.engine.llm import LLM
@@ -24,15 +21,7 @@ TOKEN = "hf_private_adapter_token"
 def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("adapters")
     base_dir = save_tiny_model(tiny_config("qwen2"), root / "base")
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.mul_(4.0)
-    model.save_pretrained(root / "adapter")
+    save_random_adapter(base_dir, root / "adapter", seed=0, r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])
     return base_dir, root / "adapter"
 
 

@@ -126,3 +126,19 @@ _ARCHITECTURE_CLASS = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 ARCHITECTURES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
+
+
+def save_random_adapter(base_dir: Path, path: Path, seed: int, **lora_options: object) -> Path:
+    """A PEFT LoRA adapter for the model at `base_dir`, with seeded random A and B scaled up (PEFT's non-default init
+    is small) so that it clearly changes the base model's output."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora_options))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.mul_(4.0)
+    model.save_pretrained(path)
+    return path
