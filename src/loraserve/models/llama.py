@@ -1,9 +1,17 @@
 """The Llama decoder and its close relatives: Llama 1/2/3.x, Mistral, Qwen2/2.5 and Qwen3.
 
-They share one block (pre-norm attention with rotary embeddings and GQA, pre-norm SwiGLU MLP); the differences are
-config switches: projection biases (Qwen2), per-head q/k RMSNorm (Qwen3), sliding windows (Mistral, Qwen2 layers
-marked `sliding_attention`), and rope scaling, which `RotaryEmbedding` takes from the config. Module names follow
-the checkpoints, so `load_weights` is a dictionary lookup.
+They share one block (pre-norm attention with rotary embeddings and GQA, pre-norm gated MLP); the differences are
+config switches, each following transformers' modeling code for the family:
+
+- projection biases: Llama's `attention_bias` (q/k/v/o) and `mlp_bias`; Qwen2 always biases q/k/v and never o;
+  Qwen3 follows `attention_bias`;
+- Qwen3 RMS-normalizes q and k per head before the rotation, with an explicit `head_dim`;
+- sliding windows: Mistral applies `sliding_window` to every layer; Qwen2/3 only to the layers `layer_types` marks
+  `sliding_attention` (their configs clear `sliding_window` unless `use_sliding_window`); Llama never windows;
+- rope scaling of every kind, which `RotaryEmbedding` takes from the config.
+
+Module names follow the checkpoints, so `load_weights` is a dictionary lookup and PEFT target names address the
+`Linear`s directly. `CheckpointModel`, `DecoderLayer` and `DecoderModel` are shared with the Phi-3 and Gemma files.
 """
 
 from __future__ import annotations
@@ -11,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 from loraserve.errors import ModelLoadError
 from loraserve.layers.attention import Attention
@@ -23,15 +31,25 @@ from loraserve.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
+    """An explicit `head_dim` (Qwen3, Mistral Nemo, Gemma) or hidden / heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def sliding_window_of(config: PretrainedConfig, layer_idx: int) -> int | None:
-    """Per-layer window where the config lists layer types (Qwen2, Gemma 2/3), else one window for all (Mistral)."""
+    """Per-layer window where the config lists layer types (Qwen2/3, Gemma 2/3), else one window for all layers."""
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         return config.sliding_window if layer_types[layer_idx] == "sliding_attention" else None
     return getattr(config, "sliding_window", None)
+
+
+def _llama_family_window(config: PretrainedConfig, layer_idx: int) -> int | None:
+    """The window transformers applies to this layer: Mistral's ignores `layer_types` and Llama's has none."""
+    if config.model_type in ("qwen2", "qwen3"):
+        return sliding_window_of(config, layer_idx)
+    if config.model_type == "mistral":
+        return getattr(config, "sliding_window", None)
+    return None
 
 
 class LlamaAttention(nn.Module):
@@ -40,45 +58,54 @@ class LlamaAttention(nn.Module):
         self.head_dim = head_dim_of(config)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        qkv_bias = getattr(config, "attention_bias", config.model_type == "qwen2")
+        if config.model_type == "qwen2":  # hard-coded in Qwen2's modeling code; its config has no switch
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
         hidden = config.hidden_size
         self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=getattr(config, "attention_bias", False))
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.attn = Attention(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window_of(config, layer_idx)
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            _llama_family_window(config, layer_idx),
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(self.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), v))
+        return self.o_proj(self.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), self.v_proj(x)))
 
 
 class LlamaMLP(nn.Module):
+    """`down(act(gate(x)) * up(x))`; three separate projections, as the checkpoints store them."""
+
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
+        bias = bool(getattr(config, "mlp_bias", False))
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block; `attention` and `mlp` are the family's own modules."""
+    """Pre-norm residual block; `self_attn` and `mlp` are the family's own modules."""
 
     def __init__(self, config: PretrainedConfig, self_attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
@@ -93,15 +120,23 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Embedding, the layer stack and the final norm; named `model` in checkpoints."""
+    """Embedding, the layer stack and the final norm; named `model` in checkpoints.
 
-    def __init__(self, config: PretrainedConfig, layers: list[nn.Module]) -> None:
+    cos/sin are computed once per forward and shared by all layers. A family whose rope differs from what
+    `RotaryEmbedding` derives from the config alone (Phi-3's longrope) passes its own `rotary`.
+    """
+
+    def __init__(
+        self, config: PretrainedConfig, layers: list[nn.Module], rotary: RotaryEmbedding | None = None
+    ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=torch.empty(
-            config.vocab_size, config.hidden_size), _freeze=True)
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size),
+            _freeze=True,
+        )
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config, head_dim_of(config))
+        self.rotary = rotary if rotary is not None else RotaryEmbedding(config, head_dim_of(config))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -114,7 +149,7 @@ class DecoderModel(nn.Module):
 class CheckpointModel(nn.Module):
     """What every family shares: the lm_head, logits, the attention list and loading by checkpoint name."""
 
-    model: DecoderModel
+    model: nn.Module
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
@@ -122,6 +157,7 @@ class CheckpointModel(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     def tie_embeddings(self) -> None:
+        """Share the embedding table with the lm_head where the config says so (called once `model` exists)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -135,21 +171,31 @@ class CheckpointModel(nn.Module):
         return [module for module in self.modules() if isinstance(module, Attention)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy each checkpoint tensor into the parameter of the same name, casting to the model's dtype.
+
+        Tensors the model computes itself (rotary `inv_freq`) or shares (a tied `lm_head.weight`) are skipped;
+        any other unknown name, a shape mismatch or a parameter left unfilled raises `ModelLoadError`.
+        """
         params = dict(self.named_parameters(remove_duplicate=False))
         tied = self.config.tie_word_embeddings
         missing = {name for name in params if not (tied and name == "lm_head.weight")}
-        for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                continue
-            param = params.get(name)
-            if param is None:
-                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            if param.shape != tensor.shape:
-                raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
-            param.data.copy_(tensor)
-            missing.discard(name)
+        with torch.no_grad():
+            for name, tensor in weights:
+                if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                    continue
+                param = params.get(name)
+                if param is None:
+                    raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                if param.shape != tensor.shape:
+                    raise ModelLoadError(
+                        f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}"
+                    )
+                param.copy_(tensor)
+                missing.discard(name)
         if missing:
-            raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+            names = sorted(missing)
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            raise ModelLoadError(f"checkpoint lacks tensor(s) {', '.join(names[:5])}{more}")
 
 
 class LlamaForCausalLM(CheckpointModel):
