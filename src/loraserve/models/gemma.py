@@ -18,8 +18,8 @@ from loraserve.errors import UnsupportedModel
 from loraserve.layers.attention import Attention
 from loraserve.layers.linear import Linear
 from loraserve.layers.norm import RMSNorm
-from loraserve.layers.rotary import RotaryEmbedding, apply_rotary
-from loraserve.models.llama import CheckpointModel, head_dim_of, sliding_window_of
+from loraserve.layers.rotary import RotaryEmbedding
+from loraserve.models.llama import CheckpointModel, SeparateQKVAttention, head_dim_of, sliding_window_of
 
 _FAMILIES = ("gemma", "gemma2", "gemma3_text")
 
@@ -28,7 +28,7 @@ def _norm(config: PretrainedConfig, dim: int | None = None) -> RMSNorm:
     return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, offset=1.0)
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(SeparateQKVAttention):
     def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
         super().__init__()
         family = config.model_type
@@ -54,14 +54,6 @@ class GemmaAttention(nn.Module):
         softcap = config.attn_logit_softcapping if family == "gemma2" else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, window, softcap)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(self.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), self.v_proj(x)))
 
 
 class GemmaMLP(nn.Module):

@@ -52,7 +52,26 @@ def _llama_family_window(config: PretrainedConfig, layer_idx: int) -> int | None
     return None
 
 
-class LlamaAttention(nn.Module):
+class SeparateQKVAttention(nn.Module):
+    """Attention with separate q/k/v projections and optional per-head q/k norms; subclasses build the modules
+    (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `attn`, and `q_norm`/`k_norm` when `qk_norm`)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qk_norm: bool
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(self.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), self.v_proj(x)))
+
+
+class LlamaAttention(SeparateQKVAttention):
     def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
         super().__init__()
         self.head_dim = head_dim_of(config)
@@ -79,14 +98,6 @@ class LlamaAttention(nn.Module):
             _llama_family_window(config, layer_idx),
         )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(self.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), self.v_proj(x)))
 
 
 class LlamaMLP(nn.Module):
