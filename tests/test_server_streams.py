@@ -21,7 +21,9 @@ TARGETS = [["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"], ["o_proj
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[Path]]]:
     root = tmp_path_factory.mktemp("streams")
-    base_dir = save_tiny_model(tiny_config("qwen3"), root / "base")
+    config = tiny_config("qwen3")
+    config.max_position_embeddings = 4096  # room for the long stream of the disconnect test
+    base_dir = save_tiny_model(config, root / "base")
     adapters = [save_random_adapter(base_dir, root / f"a{i}", seed=i, r=4 * (i + 1), lora_alpha=16,
                                     target_modules=targets) for i, targets in enumerate(TARGETS)]
     args = ["--model-id", str(base_dir), "--dtype", "float32", "--device", "cpu", "--max-active-adapters", "4",
@@ -83,9 +85,12 @@ def test_a_disconnected_stream_frees_its_blocks_at_once(setup: tuple[str, list[P
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        sock.settimeout(60)
         received = b""
         while received.count(b"data:") < 3:
-            received += sock.recv(65536)
+            chunk = sock.recv(65536)
+            assert chunk, f"the server closed the stream early: {received!r}"
+            received += chunk
         assert kv_usage(url) > 0
     deadline = time.monotonic() + 1.5
     while kv_usage(url) > 0:
