@@ -227,3 +227,14 @@ def test_a_thousand_adapters_with_bounded_host_memory(llama_setup: tuple[Path, d
         assert llm.engine.lora.host.nbytes <= budget
     host = llm.engine.lora.host
     assert host.loads == 1000 and host.evictions >= 1000 - 50 - 1
+
+
+def test_an_adapter_above_the_slot_rank_fails_only_itself(setup: tuple[Path, dict[str, Path]]) -> None:
+    base_dir, adapters = setup
+    llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu", max_lora_rank=8))
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    with pytest.raises(AdapterLoadError, match="--max-lora-rank"):
+        llm.generate(["Paris is", "Paris is"], params,
+                     [AdapterRef(str(adapters["r4-mlp"]), "local"), AdapterRef(str(adapters["r16-rslora"]), "local")])
+    assert not llm.engine.has_work()  # the request added before it was withdrawn, nothing is left half-queued
+    assert len(llm.generate(["Paris is"], params, [AdapterRef(str(adapters["r4-mlp"]), "local")])[0].tokens) == 4

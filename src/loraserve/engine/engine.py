@@ -136,7 +136,7 @@ class Engine:
         (its errors raise here; `AsyncEngine` has already done this off the loop); a slot is taken at admission."""
         if request.adapter is not None:
             ref = request.adapter
-            self.lora.host.get(ref.adapter_id, ref.source, ref.token)
+            self.lora.prepare(ref.adapter_id, ref.source, ref.token)
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             request.prompt_token_ids,

@@ -36,6 +36,14 @@ class LoRAManager:
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recently used first
         self._users: Counter[int] = Counter()  # requests in flight per slot
 
+    def prepare(self, adapter_id: str, source: str, token: str | None) -> None:
+        """Make the adapter host-resident and check it fits a slot; its errors belong to the request adding it, so
+        they raise here rather than later inside the scheduler's gate, where they would fail the whole step."""
+        adapter = self.host.get(adapter_id, source, token)
+        if adapter.max_rank > self.max_rank:
+            raise AdapterLoadError(f"adapter {adapter_id!r} has rank {adapter.max_rank}; this server's slots hold "
+                                   f"at most {self.max_rank} (--max-lora-rank)")
+
     def try_acquire(self, adapter_id: str, source: str, token: str | None) -> int | None:
         """The slot holding the adapter (copied in from the host tier if needed), or None while every slot is held by
         requests in flight; the caller must `release` a slot it got."""
@@ -43,9 +51,6 @@ class LoRAManager:
         slot = self._resident.get(key)
         if slot is None:
             adapter = self.host.get(adapter_id, source, token)
-            if adapter.max_rank > self.max_rank:
-                raise AdapterLoadError(f"adapter {adapter_id!r} has rank {adapter.max_rank}; this server's slots hold "
-                                       f"at most {self.max_rank} (--max-lora-rank)")
             slot = self._free_slot()
             if slot is None:
                 return None
