@@ -8,19 +8,24 @@ from loraserve.sampling.params import SamplingParams
 from loraserve.server.lorax.schemas import GenerateParameters
 
 
+def request_token(api_token: str | None, authorization: str | None, server_token: str | None) -> str | None:
+    """The one token used for every Hub call a request causes: its own `api_token`, else its `Authorization: Bearer`
+    header, else the server's HF_TOKEN where the server lends it (LoRAX drops the header: its issue 541)."""
+    if api_token is None and authorization and authorization.lower().startswith("bearer "):
+        api_token = authorization[7:].strip() or None
+    return api_token or server_token
+
+
 def adapter_from_lorax(
     parameters: GenerateParameters, authorization: str | None, server_token: str | None
 ) -> AdapterRef | None:
-    """The request's adapter, with the one token used for every Hub call it causes: the request's `api_token`, else
-    its `Authorization: Bearer` header, else the server's own HF_TOKEN (LoRAX drops the header: its issue 541)."""
+    """The request's adapter, with its token (`request_token`)."""
     if parameters.merged_adapters is not None:
         raise InvalidRequest("`merged_adapters` is not supported yet")
     if not parameters.adapter_id:
         return None
-    token = parameters.api_token
-    if token is None and authorization and authorization.lower().startswith("bearer "):
-        token = authorization[7:].strip() or None
-    return AdapterRef(parameters.adapter_id, parameters.adapter_source or "hub", token or server_token)
+    token = request_token(parameters.api_token, authorization, server_token)
+    return AdapterRef(parameters.adapter_id, parameters.adapter_source or "hub", token)
 
 
 def sampling_params_from_lorax(parameters: GenerateParameters, reports_tokens: bool) -> SamplingParams:

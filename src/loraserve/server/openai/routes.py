@@ -24,6 +24,7 @@ from loraserve.engine.llm import collect
 from loraserve.engine.request import AdapterRef, FinishReason
 from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
+from loraserve.server.convert import request_token
 from loraserve.server.errors import status_for
 from loraserve.server.openai.schemas import (
     AssistantMessage,
@@ -97,12 +98,8 @@ def _adapter(body: SamplingFields, request: Request) -> AdapterRef | None:
     engine = _engine(request).engine
     if body.model in ("", engine.model_name):
         return None
-    token = body.api_token
-    authorization = request.headers.get("authorization") or ""
-    if token is None and authorization.lower().startswith("bearer "):
-        token = authorization[7:].strip() or None
-    if token is None and engine.config.adapter_uses_server_token:
-        token = engine.config.hf_token
+    server_token = engine.config.hf_token if engine.config.adapter_uses_server_token else None
+    token = request_token(body.api_token, request.headers.get("authorization"), server_token)
     return AdapterRef(body.model, body.adapter_source or "hub", token)
 
 
