@@ -22,7 +22,7 @@ from loraserve.engine.engine import Engine
 from loraserve.engine.llm import LLM, collect
 from loraserve.engine.request import AdapterRef
 from loraserve.errors import AdapterLoadError, AdapterNotFound
-from loraserve.layers.lora_ops import LoRABatch, gathered_delta, reference_delta, segmented_delta
+from loraserve.layers.lora_ops import LoRABatch, dense_delta, reference_delta, segmented_delta
 from loraserve.sampling.params import SamplingParams
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -92,21 +92,34 @@ def test_mixed_batch_equals_peft_per_adapter(setup: tuple[Path, dict[str, Path]]
 
 def test_lora_kernels_agree_with_the_reference_loop() -> None:
     torch.manual_seed(0)
-    slots, r_max, d_in, d_out = 5, 8, 24, 40
-    ranks = [8, 3, 0, 5, 1]
+    slots, r_max, d_in, d_out = 6, 8, 24, 40
+    ranks = [8, 3, 0, 5, 1, 0]  # slot 5 stays unused: the dense form reads only the slots in use
     a = torch.zeros(slots, r_max, d_in)
-    b = torch.zeros(slots, d_out, r_max)
+    b = torch.zeros(d_out, slots, r_max)
     for slot, rank in enumerate(ranks):
         a[slot, :rank] = torch.randn(rank, d_in)
-        b[slot, :, :rank] = torch.randn(d_out, rank)
+        b[:, slot, :rank] = torch.randn(d_out, rank)
     x = torch.randn(30, d_in)
     token_slots = [(-1 if i % 7 == 0 else [0, 1, 3, 4][i % 4]) for i in range(30)]
     batch = LoRABatch.build(token_slots, ranks, torch.device("cpu"))
     expected = reference_delta(x, a, b, batch)
-    torch.testing.assert_close(gathered_delta(x, a, b, batch), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(segmented_delta(x, a, b, batch), expected, rtol=1e-5, atol=1e-5)
+    dense = dense_delta(x, a, b, batch)  # every token's row, zero for base-model tokens
+    torch.testing.assert_close(dense[batch.rows], expected, rtol=1e-5, atol=1e-5)
+    assert dense[[i for i, s in enumerate(token_slots) if s < 0]].abs().max() == 0
     assert sorted(batch.rows.tolist()) == [i for i, s in enumerate(token_slots) if s >= 0]
+    assert batch.slots_in_use == 5
     assert LoRABatch.build([-1, -1], ranks, torch.device("cpu")) is None
+
+
+def test_lora_batch_picks_dense_for_many_short_segments_only() -> None:
+    ranks = [16] * 32
+    decode = LoRABatch.build(list(range(32)), ranks, torch.device("cpu"))  # 32 adapters, one token each
+    assert decode.use_dense(16)
+    one_adapter = LoRABatch.build([3] * 32, ranks, torch.device("cpu"))  # one matmul pair is the cheapest
+    assert not one_adapter.use_dense(16)
+    prefill = LoRABatch.build([0] * 400 + [31] * 400, ranks, torch.device("cpu"))  # two long segments, 32 slots wide
+    assert not prefill.use_dense(16)
 
 
 def test_bad_adapters_fail_only_their_own_requests(setup: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:

@@ -5,16 +5,20 @@ from __future__ import annotations
 import torch
 
 from loraserve.layers.context import get_forward_context
-from loraserve.layers.lora_ops import lora_delta
+from loraserve.layers.lora_ops import dense_delta, segmented_delta
 
 
 class LoRASlots:
-    """Attached to a `Linear` as its `lora`; A `[slots, r_max, in]`, B `[slots, out, r_max]` (scale folded in)."""
+    """Attached to a `Linear` as its `lora`; A `[slots, r_max, in]`, B `[out, slots, r_max]` (scale folded in).
+
+    Both lay the slots out so that `A.view(slots * r_max, in)` and `B.view(out, slots * r_max)` are the concatenated
+    adapters the dense form multiplies by in one matmul each, with no copy.
+    """
 
     def __init__(self, in_features: int, out_features: int, num_slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
+        self.b = torch.zeros(out_features, num_slots, max_rank, dtype=dtype, device=device)
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         rank = a.shape[0]
@@ -22,16 +26,18 @@ class LoRASlots:
             raise ValueError(f"rank {rank} exceeds the slot capacity {self.a.shape[1]} (raise --max-lora-rank)")
         self.clear_slot(slot)
         self.a[slot, :rank].copy_(a)
-        self.b[slot, :, :rank].copy_(b)
+        self.b[:, slot, :rank].copy_(b)
 
     def clear_slot(self, slot: int) -> None:
         self.a[slot].zero_()
-        self.b[slot].zero_()
+        self.b[:, slot].zero_()
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = get_forward_context().lora
         if batch is None:
             return y
-        delta = lora_delta(x, self.a, self.b, batch)
+        if batch.use_dense(self.a.shape[1]):
+            return y.add_(dense_delta(x, self.a, self.b, batch).to(y.dtype))
+        delta = segmented_delta(x, self.a, self.b, batch)
         # index_put_ with accumulate: microseconds here, where index_add takes milliseconds on the CPU
         return y.index_put_((batch.rows,), delta.to(y.dtype), accumulate=True)
