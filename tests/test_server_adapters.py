@@ -63,6 +63,13 @@ def test_adapters_from_the_hub_with_per_request_tokens(dirs: tuple[Path, Path], 
                                             "adapter_source": "local"}}
             status, reply = post_json(url + "/generate", local)
             assert status == 200 and [t["id"] for t in reply["details"]["tokens"]] == expected.token_ids
+            merged = {**body, "parameters": {**body["parameters"], "adapter_source": "local", "merged_adapters": {
+                "ids": [str(adapter_dir)], "weights": [1.0], "merge_strategy": "linear"}}}
+            status, reply = post_json(url + "/generate", merged)  # a merge of one adapter at weight 1 is itself
+            assert status == 200 and [t["id"] for t in reply["details"]["tokens"]] == expected.token_ids
+            merged["parameters"]["merged_adapters"]["weights"] = [1.0, 2.0]
+            status, reply = post_json(url + "/generate", merged)
+            assert status == 422 and "1 ids but 2 weights" in reply["error"]
             status, reply = post_json(url + "/generate", {**body, "parameters": {"adapter_id": "x",
                                                                                  "adapter_source": "ftp"}})
             assert status == 422 and reply["error_type"] == "validation"

@@ -11,11 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 
+from loraserve.adapters.merge import MergeSpec, merge_adapters
 from loraserve.adapters.peft import LoRAAdapter, load_peft_adapter
 from loraserve.adapters.sources import resolve_adapter
 from loraserve.errors import LoraserveError
@@ -44,12 +46,28 @@ class HostAdapterCache:
         return self._bytes
 
     def keys(self) -> list[str]:
+        """`source:adapter_id` of every adapter in memory, least recently used first."""
         with self._lock:
             return list(self._entries)
 
     def get(self, adapter_id: str, source: str, token: str | None) -> LoRAAdapter:
         """The adapter, from memory or loaded now (blocking); raises the adapter's own error if it cannot load."""
-        key = f"{source}:{adapter_id}"
+        def load() -> LoRAAdapter:
+            path = resolve_adapter(adapter_id, source, token, self.cache_dir, self.s3_endpoint_url)
+            return load_peft_adapter(path, adapter_id, self.projections, self.dtype)
+
+        return self._get(f"{source}:{adapter_id}", token, load)
+
+    def get_merged(self, spec: MergeSpec, source: str, token: str | None) -> LoRAAdapter:
+        """The merge of `spec`'s adapters (each fetched from `source` with `token`), computed once and kept like any
+        other adapter; the parts stay cached on their own."""
+        def load() -> LoRAAdapter:
+            parts = [self.get(adapter_id, source, token) for adapter_id in spec.adapter_ids]
+            return merge_adapters(parts, spec, torch.Generator().manual_seed(0))
+
+        return self._get(f"{source}:{spec.key}", token, load)
+
+    def _get(self, key: str, token: str | None, load: Callable[[], LoRAAdapter]) -> LoRAAdapter:
         with self._lock:
             adapter = self._entries.get(key)
             if adapter is not None:
@@ -66,8 +84,7 @@ class HostAdapterCache:
         if not owner:
             return future.result()
         try:
-            path = resolve_adapter(adapter_id, source, token, self.cache_dir, self.s3_endpoint_url)
-            adapter = load_peft_adapter(path, adapter_id, self.projections, self.dtype)
+            adapter = load()
         except LoraserveError as error:
             with self._lock:
                 self._failures[(key, token)] = (error, time.monotonic())

@@ -27,6 +27,7 @@ _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight")
 class LoRAModule:
     a: torch.Tensor  # [rank, in_features]
     b: torch.Tensor  # [out_features, rank], scale folded in
+    scale: float = 1.0  # the LoRA scale folded into b, kept for merging (PEFT merges the unscaled B)
 
     @property
     def rank(self) -> int:
@@ -118,4 +119,4 @@ def _module(
         )
     alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return LoRAModule(a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+    return LoRAModule(a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous(), scale)

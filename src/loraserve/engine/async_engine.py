@@ -69,8 +69,7 @@ class AsyncEngine:
     async def _outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
         if request.adapter is not None:
             # Off the step loop: other requests keep decoding while this adapter is read or downloaded.
-            ref = request.adapter
-            await asyncio.to_thread(self.engine.lora.host.get, ref.adapter_id, ref.source, ref.token)
+            await asyncio.to_thread(self.engine.lora.prepare, request.adapter)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._send("add", (request, stream))
         request_id = request.request_id

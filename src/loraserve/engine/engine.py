@@ -135,8 +135,7 @@ class Engine:
         """Queue a request made by `make_request`. Its adapter is read into host memory first if it is not there yet
         (its errors raise here; `AsyncEngine` has already done this off the loop); a slot is taken at admission."""
         if request.adapter is not None:
-            ref = request.adapter
-            self.lora.prepare(ref.adapter_id, ref.source, ref.token)
+            self.lora.prepare(request.adapter)
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             request.prompt_token_ids,
@@ -206,8 +205,7 @@ class Engine:
         """The scheduler's gate: True once the request holds a slot for its adapter (or needs none)."""
         if request.adapter is None or request.adapter_slot >= 0:
             return True
-        ref = request.adapter
-        slot = self.lora.try_acquire(ref.adapter_id, ref.source, ref.token)
+        slot = self.lora.try_acquire(request.adapter)
         if slot is None:
             return False
         request.adapter_slot = slot

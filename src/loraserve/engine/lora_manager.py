@@ -16,6 +16,7 @@ from torch import nn
 
 from loraserve.adapters.cache import HostAdapterCache
 from loraserve.adapters.peft import LoRAAdapter
+from loraserve.engine.request import AdapterRef
 from loraserve.errors import AdapterLoadError
 from loraserve.layers.linear import Linear
 from loraserve.layers.lora import LoRASlots
@@ -36,21 +37,21 @@ class LoRAManager:
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recently used first
         self._users: Counter[int] = Counter()  # requests in flight per slot
 
-    def prepare(self, adapter_id: str, source: str, token: str | None) -> None:
+    def prepare(self, ref: AdapterRef) -> None:
         """Make the adapter host-resident and check it fits a slot; its errors belong to the request adding it, so
         they raise here rather than later inside the scheduler's gate, where they would fail the whole step."""
-        adapter = self.host.get(adapter_id, source, token)
+        adapter = self._host_adapter(ref)
         if adapter.max_rank > self.max_rank:
-            raise AdapterLoadError(f"adapter {adapter_id!r} has rank {adapter.max_rank}; this server's slots hold "
-                                   f"at most {self.max_rank} (--max-lora-rank)")
+            raise AdapterLoadError(f"adapter {ref.adapter_id!r} has rank {adapter.max_rank}; this server's slots "
+                                   f"hold at most {self.max_rank} (--max-lora-rank)")
 
-    def try_acquire(self, adapter_id: str, source: str, token: str | None) -> int | None:
+    def try_acquire(self, ref: AdapterRef) -> int | None:
         """The slot holding the adapter (copied in from the host tier if needed), or None while every slot is held by
         requests in flight; the caller must `release` a slot it got."""
-        key = f"{source}:{adapter_id}"
+        key = f"{ref.source}:{ref.adapter_id}"
         slot = self._resident.get(key)
         if slot is None:
-            adapter = self.host.get(adapter_id, source, token)
+            adapter = self._host_adapter(ref)
             slot = self._free_slot()
             if slot is None:
                 return None
@@ -63,6 +64,11 @@ class LoRAManager:
     def resident(self) -> list[str]:
         """Ids of the adapters in slots now, most recently used last."""
         return [key.split(":", 1)[1] for key in self._resident]
+
+    def _host_adapter(self, ref: AdapterRef) -> LoRAAdapter:
+        if ref.merge is not None:
+            return self.host.get_merged(ref.merge, ref.source, ref.token)
+        return self.host.get(ref.adapter_id, ref.source, ref.token)
 
     def release(self, slot: int) -> None:
         self._users[slot] -= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from loraserve.adapters.merge import MergeSpec
 from loraserve.sampling.params import SamplingParams
 
 
@@ -18,9 +19,14 @@ class RequestStatus(enum.Enum):
 class AdapterRef:
     """Which adapter a request runs with, and the token to fetch it with (resolved once per request)."""
 
-    adapter_id: str
+    adapter_id: str  # for a merge: the merge's key (`MergeSpec.key`)
     source: str = "hub"
     token: str | None = None
+    merge: MergeSpec | None = None  # set: run with the merge of these adapters, all fetched from `source`
+
+    @classmethod
+    def merged(cls, spec: MergeSpec, source: str = "hub", token: str | None = None) -> AdapterRef:
+        return cls(spec.key, source, token, spec)
 
 
 class FinishReason(enum.Enum):

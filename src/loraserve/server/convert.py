@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loraserve.adapters.merge import MergeSpec
 from loraserve.engine.request import AdapterRef
 from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
@@ -20,12 +21,19 @@ def adapter_from_lorax(
     parameters: GenerateParameters, authorization: str | None, server_token: str | None
 ) -> AdapterRef | None:
     """The request's adapter, with its token (`request_token`)."""
-    if parameters.merged_adapters is not None:
-        raise InvalidRequest("`merged_adapters` is not supported yet")
+    token = request_token(parameters.api_token, authorization, server_token)
+    source = parameters.adapter_source or "hub"
+    merge = parameters.merged_adapters
+    if merge is not None:
+        if parameters.adapter_id:
+            raise InvalidRequest("at most one of `adapter_id` or `merged_adapters` may be provided")
+        spec = MergeSpec(tuple(merge.ids), tuple(merge.weights), merge.merge_strategy, merge.density,
+                         merge.majority_sign_method)
+        spec.validate()
+        return AdapterRef.merged(spec, source, token)
     if not parameters.adapter_id:
         return None
-    token = request_token(parameters.api_token, authorization, server_token)
-    return AdapterRef(parameters.adapter_id, parameters.adapter_source or "hub", token)
+    return AdapterRef(parameters.adapter_id, source, token)
 
 
 def sampling_params_from_lorax(parameters: GenerateParameters, reports_tokens: bool) -> SamplingParams:

@@ -5,10 +5,21 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+class MergedAdapters(BaseModel):
+    """LoRAX's per-request merge. `density` defaults to 1.0 (keep everything), not LoRAX's 0.0, which would prune a
+    TIES or DARE merge to nothing without a word."""
+
+    ids: list[str]
+    weights: list[float]
+    merge_strategy: str = "linear"
+    density: float = 1.0
+    majority_sign_method: str = "total"
+
+
 class GenerateParameters(BaseModel):
     adapter_id: str | None = None
     adapter_source: str | None = None
-    merged_adapters: dict | None = None
+    merged_adapters: MergedAdapters | None = None
     api_token: str | None = None
     best_of: int | None = None
     decoder_input_details: bool | None = False
