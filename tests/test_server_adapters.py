@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,50 @@ def test_adapters_from_the_hub_with_per_request_tokens(dirs: tuple[Path, Path], 
             assert status == 422 and reply["error_type"] == "validation"
             status, reply = post_json(url + "/generate", body)  # the base model still serves
             assert status == 200 and [t["id"] for t in reply["details"]["tokens"]] != expected.token_ids
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_adapter_inventory_preload_and_unload(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    base_dir, adapter_dir = dirs
+    with HubServer() as hub:
+        hub.add_repo("acme/public-lora", adapter_dir)
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "LORASERVE_CACHE": str(tmp_path / "cache")}
+        args = ["--model-id", str(base_dir), "--dtype", "float32", "--device", "cpu", "--max-active-adapters", "2"]
+        with running_server(args, tmp_path / "server.log", env=env) as url:
+            assert _get_json(url + "/adapters")["adapters"] == []
+            status, reply = post_json(url + "/adapters/preload", {"adapter_id": "acme/public-lora"})
+            assert status == 200 and reply["tier"] == "active", reply
+            [info] = _get_json(url + "/adapters")["adapters"]
+            assert (info["adapter_id"], info["source"], info["tier"], info["rank"]) == ("acme/public-lora", "hub",
+                                                                                       "active", 8)
+            hub_requests = len(hub.requests)
+            body = {"inputs": "Paris is", "parameters": {"max_new_tokens": 4, "adapter_id": "acme/public-lora"}}
+            assert post_json(url + "/generate", body)[0] == 200
+            assert len(hub.requests) == hub_requests  # preloaded: the request fetched nothing
+
+            # a request in flight holds its adapter: unloading it is refused until the request ends
+            stream = urllib.request.urlopen(urllib.request.Request(
+                url + "/generate_stream", method="POST", headers={"Content-Type": "application/json"},
+                data=json.dumps({"inputs": "Paris is", "parameters": {
+                    "max_new_tokens": 480, "ignore_eos_token": True, "adapter_id": "acme/public-lora"}}).encode()),
+                timeout=60)
+            assert stream.readline().startswith(b"data:")
+            status, reply = post_json(url + "/adapters/unload", {"adapter_id": "acme/public-lora"})
+            assert status == 409 and reply["error_type"] == "conflict", reply
+            stream.close()
+
+            deadline = time.monotonic() + 30
+            while (status := post_json(url + "/adapters/unload", {"adapter_id": "acme/public-lora"})[0]) == 409:
+                assert time.monotonic() < deadline, "the aborted stream never released its adapter"
+                time.sleep(0.1)
+            assert status == 200
+            [info] = _get_json(url + "/adapters")["adapters"]
+            assert info["tier"] == "disk" and info["size_bytes"] > 0  # the download stays in the cache
+            status, reply = post_json(url + "/adapters/unload", {"adapter_id": "acme/public-lora"})
+            assert status == 404 and reply["error_type"] == "not_found"
+            models = [m["id"] for m in _get_json(url + "/v1/models")["data"]]
+            assert models == [str(base_dir), "acme/public-lora"]

@@ -35,3 +35,7 @@ class AdapterNotFound(LoraserveError):
 
 class AdapterLoadError(LoraserveError):
     """The adapter exists but cannot serve this base model: corrupt files, unsupported features or mismatched shapes."""
+
+
+class AdapterInUse(LoraserveError):
+    """An adapter cannot be unloaded while requests in flight read it."""

@@ -50,6 +50,18 @@ class HostAdapterCache:
         with self._lock:
             return list(self._entries)
 
+    def entries(self) -> list[tuple[str, LoRAAdapter]]:
+        with self._lock:
+            return list(self._entries.items())
+
+    def remove(self, key: str) -> bool:
+        """Drop an adapter from memory (its files stay on disk); False if it was not here."""
+        with self._lock:
+            adapter = self._entries.pop(key, None)
+            if adapter is not None:
+                self._bytes -= adapter.nbytes
+            return adapter is not None
+
     def get(self, adapter_id: str, source: str, token: str | None) -> LoRAAdapter:
         """The adapter, from memory or loaded now (blocking); raises the adapter's own error if it cannot load."""
         def load() -> LoRAAdapter:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
-from huggingface_hub import snapshot_download
+from huggingface_hub import scan_cache_dir, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from loraserve.errors import AdapterLoadError, AdapterNotFound, InvalidRequest
@@ -64,3 +64,19 @@ def _from_s3(adapter_id: str, cache_dir: Path, endpoint_url: str | None) -> Path
     except BotoCoreError as error:
         raise AdapterLoadError(f"adapter {adapter_id!r}: S3 download failed: {error}") from error
     return target
+
+
+def cached_on_disk(cache_dir: Path) -> list[tuple[str, str, int]]:
+    """(source, adapter_id, bytes) of every adapter downloaded into `cache_dir`: Hub repos (huggingface_hub's own
+    cache scan) and S3 prefixes mirrored under `cache_dir/s3`. Local folders are not listed: they are the user's."""
+    found = []
+    if cache_dir.is_dir():
+        for repo in scan_cache_dir(cache_dir).repos:
+            if repo.repo_type == "model":
+                found.append(("hub", repo.repo_id, repo.size_on_disk))
+    s3_root = cache_dir / "s3"
+    for config in sorted(s3_root.glob("**/adapter_config.json")) if s3_root.is_dir() else []:
+        folder = config.parent
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        found.append(("s3", "s3://" + folder.relative_to(s3_root).as_posix(), size))
+    return found

@@ -9,11 +9,13 @@ its KV blocks before the next step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from loraserve.engine.engine import Engine, RequestOutput
 from loraserve.engine.request import AdapterRef, Request
@@ -21,6 +23,7 @@ from loraserve.errors import EngineDead
 from loraserve.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -88,6 +91,20 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    async def run_between_steps(self, function: Callable[[], T]) -> T:
+        """`function()` on the loop thread between two steps: the only safe moment to read or change the engine's
+        state (LoRA slots, queues) from outside the loop."""
+        if not self.is_running:
+            raise EngineDead("the engine's step loop is not running")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._send("call", (function, future))
+        return await asyncio.wrap_future(future)
+
+    async def preload_adapter(self, ref: AdapterRef) -> bool:
+        """Load the adapter into host memory (off the loop), then into a free slot; False if no slot was free."""
+        await asyncio.to_thread(self.engine.lora.prepare, ref)
+        return await self.run_between_steps(lambda: self.engine.lora.activate(ref))
+
     def _send(self, kind: str, payload: object) -> None:
         self._inbox.put((kind, payload))
         self._wakeup.set()
@@ -120,6 +137,12 @@ class AsyncEngine:
             if kind == "add":
                 request, stream = payload  # type: ignore[misc]
                 self._add(request, stream)
+            elif kind == "call":
+                function, future = payload  # type: ignore[misc]
+                try:
+                    future.set_result(function())
+                except Exception as error:  # noqa: BLE001 - raised to the awaiting caller
+                    future.set_exception(error)
             else:
                 output = self.engine.abort(payload)  # type: ignore[arg-type]
                 if output is not None:

@@ -8,7 +8,9 @@ the step loop only copies tensors into a slot (between steps: a forward never re
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,10 +18,22 @@ from torch import nn
 
 from loraserve.adapters.cache import HostAdapterCache
 from loraserve.adapters.peft import LoRAAdapter
+from loraserve.adapters.sources import cached_on_disk
 from loraserve.engine.request import AdapterRef
-from loraserve.errors import AdapterLoadError
+from loraserve.errors import AdapterInUse, AdapterLoadError
 from loraserve.layers.linear import Linear
 from loraserve.layers.lora import LoRASlots
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    adapter_id: str
+    source: str
+    tier: str  # "active" (in a LoRA slot), "host" (in memory) or "disk" (downloaded, not loaded)
+    rank: int | None = None  # the largest rank of its modules, once loaded
+    size_bytes: int | None = None  # in memory once loaded, else on disk
+    slot: int | None = None
+    requests: int = 0  # requests in flight on it
 
 
 class LoRAManager:
@@ -64,6 +78,42 @@ class LoRAManager:
     def resident(self) -> list[str]:
         """Ids of the adapters in slots now, most recently used last."""
         return [key.split(":", 1)[1] for key in self._resident]
+
+    def inventory(self) -> list[AdapterInfo]:
+        """Every adapter this server knows, at its highest tier: in a slot, in host memory, or only on disk."""
+        known: dict[str, AdapterInfo] = {}
+        for source, adapter_id, size in cached_on_disk(self.host.cache_dir):
+            known[f"{source}:{adapter_id}"] = AdapterInfo(adapter_id, source, "disk", size_bytes=size)
+        for key, adapter in self.host.entries():
+            source, adapter_id = key.split(":", 1)
+            known[key] = AdapterInfo(adapter_id, source, "host", adapter.max_rank, adapter.nbytes)
+        for key, slot in self._resident.items():
+            source, adapter_id = key.split(":", 1)
+            info = known.get(key) or AdapterInfo(adapter_id, source, "active")
+            known[key] = dataclasses.replace(info, tier="active", slot=slot, rank=self.ranks[slot],
+                                             requests=self._users[slot])
+        return list(known.values())
+
+    def activate(self, ref: AdapterRef) -> bool:
+        """Copy a host-resident adapter into a slot ahead of its requests; False while every slot is busy."""
+        slot = self.try_acquire(ref)
+        if slot is None:
+            return False
+        self.release(slot)
+        return True
+
+    def unload(self, adapter_id: str, source: str) -> bool:
+        """Drop the adapter from its slot and from host memory (its files stay on disk); False if neither held it.
+        Refused while requests use it: they read its slot every step."""
+        key = f"{source}:{adapter_id}"
+        slot = self._resident.get(key)
+        if slot is not None and self._users[slot]:
+            raise AdapterInUse(f"adapter {adapter_id!r} serves {self._users[slot]} request(s) now; unload it when "
+                               "they finish")
+        if slot is not None:
+            del self._resident[key]
+            self.ranks[slot] = 0
+        return self.host.remove(key) or slot is not None
 
     def _host_adapter(self, ref: AdapterRef) -> LoRAAdapter:
         if ref.merge is not None:

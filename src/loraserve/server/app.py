@@ -15,6 +15,7 @@ from loraserve.engine.engine import Engine
 from loraserve.server.admission import ConcurrencyLimit
 from loraserve.server.errors import install_error_handlers
 from loraserve.server.metrics import Metrics
+from loraserve.server.inventory import router as inventory_router
 from loraserve.server.lorax.routes import router as lorax_router
 from loraserve.server.openai.routes import router as openai_router
 
@@ -38,6 +39,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(lorax_router)
     app.include_router(openai_router)
+    app.include_router(inventory_router)
     return app
 
 

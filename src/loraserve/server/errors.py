@@ -6,9 +6,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from loraserve.errors import EngineDead, InvalidRequest, LoraserveError, Overloaded
+from loraserve.errors import AdapterInUse, EngineDead, InvalidRequest, LoraserveError, Overloaded
 
 _STATUS: list[tuple[type[Exception], int, str]] = [
+    (AdapterInUse, 409, "conflict"),
     (InvalidRequest, 422, "validation"),
     (Overloaded, 429, "overloaded"),
     (EngineDead, 503, "unhealthy"),

@@ -59,8 +59,9 @@ async def models(request: Request) -> dict:
     created = int(time.time())
     entries = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "loraserve"}]
     if engine.lora is not None:
-        entries += [{"id": name, "object": "model", "created": created, "owned_by": "loraserve",
-                     "parent": engine.model_name} for name in engine.lora.resident()]
+        adapters = await _engine(request).run_between_steps(engine.lora.inventory)
+        entries += [{"id": info.adapter_id, "object": "model", "created": created, "owned_by": "loraserve",
+                     "parent": engine.model_name, "source": info.source, "tier": info.tier} for info in adapters]
     return {"object": "list", "data": entries}
 
 
