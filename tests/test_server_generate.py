@@ -101,5 +101,40 @@ def test_metrics_are_prometheus_text_and_count_requests(server: str) -> None:
     generated = families["loraserve:generation_tokens"]
     assert sum(s.value for s in generated.samples if s.name.endswith("_total")) >= 3
     for name in ("loraserve:num_requests_running", "loraserve:num_requests_waiting", "loraserve:kv_cache_usage_perc",
-                 "loraserve:e2e_request_latency_seconds", "loraserve:request_success", "loraserve:lora_requests_info"):
+                 "loraserve:e2e_request_latency_seconds", "loraserve:request_success", "loraserve:lora_requests_info",
+                 "loraserve:request_queue_time_seconds", "loraserve:request_inference_time_seconds",
+                 "loraserve:adapter_host_loads", "loraserve:adapter_slot_evictions", "loraserve:adapter_slots_in_use"):
         assert name in families, name
+    queue = families["loraserve:request_queue_time_seconds"]
+    assert sum(s.value for s in queue.samples if s.name.endswith("_count")) >= 1
+
+
+def test_generate_sends_lorax_headers_and_prefill_details(server: str, offline: LLM) -> None:
+    body = {"inputs": "Paris is the capital", "parameters": {"max_new_tokens": 5, "ignore_eos_token": True,
+                                                             "details": True, "decoder_input_details": True}}
+    request = urllib.request.Request(server + "/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        headers = response.headers
+        reply = json.loads(response.read())
+    ids = offline.engine.tokenizer.encode(body["inputs"])
+    assert headers["x-prompt-tokens"] == str(len(ids)) and headers["x-generated-tokens"] == "5"
+    assert headers["x-total-tokens"] == str(len(ids) + 5) and headers["x-compute-type"] == "cpu"
+    assert headers["x-compute-characters"] == str(len(body["inputs"]))
+    total, queue, inference = (float(headers[h]) for h in ("x-total-time", "x-queue-time", "x-inference-time"))
+    assert 0 <= queue <= total and 0 < inference <= total
+    assert 0 < float(headers["x-time-to-first-token"]) <= total
+    prefill = reply["details"]["prefill"]
+    assert [t["id"] for t in prefill] == ids and prefill[0].get("logprob") is None
+    expected = offline.generate([body["inputs"]], SamplingParams(max_new_tokens=1, prompt_logprobs=0))[0]
+    assert [t["logprob"] for t in prefill[1:]] == pytest.approx([lp for _, lp, _ in expected.prompt_logprobs],
+                                                                abs=1e-5)
+
+
+def test_tokenize_gives_ids_and_character_offsets(server: str, offline: LLM) -> None:
+    text = "Straße, café du monde"
+    status, reply = post_json(server + "/tokenize", {"inputs": text})
+    assert status == 200
+    assert [t["id"] for t in reply] == offline.engine.tokenizer.encode(text)
+    assert "".join(t["text"] for t in reply) == text
+    assert all(text[t["start"]:t["stop"]] == t["text"] for t in reply)

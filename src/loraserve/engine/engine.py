@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -19,7 +20,7 @@ from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.kv_cache import allocate_kv_cache, num_blocks_for_budget
 from loraserve.engine.loading import LoadedModel, load
 from loraserve.engine.lora_manager import LoRAManager
-from loraserve.engine.request import AdapterRef, FinishReason, Request
+from loraserve.engine.request import AdapterRef, FinishReason, Request, RequestTimings
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import Scheduler, SchedulerLimits
 from loraserve.errors import ContextTooLong, InvalidRequest
@@ -48,6 +49,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     generated_text: str | None = None  # the full text, on the last output only
     prompt_logprobs: list | None = None
+    timings: RequestTimings | None = None  # on the last output only
 
 
 @dataclass
@@ -172,11 +174,16 @@ class Engine:
         tracked = self._tracked.get(request.request_id)
         if tracked is None:
             return None
+        now = time.monotonic()
+        if request.timings.first_scheduled is None:
+            request.timings.first_scheduled = now
         if core_output.prompt_logprobs:
             tracked.prompt_logprobs.extend(core_output.prompt_logprobs)
         sampled = core_output.new_token
         if sampled is None:
             return None
+        if request.timings.first_token is None:
+            request.timings.first_token = now
         text = tracked.detokenizer.push(sampled.token_id)
         token = TokenInfo(
             id=sampled.token_id,
@@ -230,4 +237,5 @@ class Engine:
             finish_reason=reason,
             generated_text=tracked.detokenizer.text,
             prompt_logprobs=tracked.prompt_logprobs or None,
+            timings=dataclasses.replace(request.timings, finished=time.monotonic()),
         )

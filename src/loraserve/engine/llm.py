@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import Engine, RequestOutput, TokenInfo
-from loraserve.engine.request import AdapterRef, FinishReason
+from loraserve.engine.request import AdapterRef, FinishReason, RequestTimings
 from loraserve.sampling.params import SamplingParams
 
 
@@ -19,6 +19,7 @@ class Completion:
     tokens: list[TokenInfo] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     prompt_logprobs: list | None = None
+    timings: RequestTimings | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -60,6 +61,7 @@ def _accumulate(completion: Completion, output: RequestOutput) -> None:
         completion.text = output.generated_text or ""
         completion.finish_reason = output.finish_reason
         completion.prompt_logprobs = output.prompt_logprobs
+        completion.timings = output.timings
 
 
 async def collect(outputs: AsyncIterator[RequestOutput]) -> Completion:

@@ -50,6 +50,8 @@ class LoRAManager:
         self.ranks = [0] * num_slots  # the largest rank held by each slot (0 = empty)
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recently used first
         self._users: Counter[int] = Counter()  # requests in flight per slot
+        self.slot_loads = 0
+        self.slot_evictions = 0
 
     def prepare(self, ref: AdapterRef) -> None:
         """Make the adapter host-resident and check it fits a slot; its errors belong to the request adding it, so
@@ -131,6 +133,7 @@ class LoRAManager:
         for key, slot in self._resident.items():  # least recently used first
             if self._users[slot] == 0:
                 del self._resident[key]
+                self.slot_evictions += 1
                 return slot
         return None
 
@@ -142,3 +145,4 @@ class LoRAManager:
             else:
                 layer.lora.set_slot(slot, module.a, module.b)
         self.ranks[slot] = adapter.max_rank
+        self.slot_loads += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from loraserve.adapters.merge import MergeSpec
@@ -27,6 +28,29 @@ class AdapterRef:
     @classmethod
     def merged(cls, spec: MergeSpec, source: str = "hub", token: str | None = None) -> AdapterRef:
         return cls(spec.key, source, token, spec)
+
+
+@dataclass
+class RequestTimings:
+    """Monotonic timestamps (seconds) of a request's life, for metrics and the `x-*` response headers."""
+
+    arrival: float = field(default_factory=time.monotonic)  # made (validated and tokenized)
+    first_scheduled: float | None = None  # its first chunk ran: the end of its queueing
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def queue(self) -> float:
+        return (self.first_scheduled or self.arrival) - self.arrival
+
+    @property
+    def inference(self) -> float:
+        """From its first scheduled step to its end: prefill and decode, including waits inside the batch."""
+        return (self.finished or time.monotonic()) - (self.first_scheduled or self.arrival)
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
 
 
 class FinishReason(enum.Enum):
@@ -54,6 +78,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    timings: RequestTimings = field(default_factory=RequestTimings)
 
     @property
     def num_tokens(self) -> int:

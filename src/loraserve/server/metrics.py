@@ -8,7 +8,7 @@ so the step loop never touches the registry.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,6 +16,9 @@ from prometheus_client.registry import Collector
 
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import RequestOutput
+from loraserve.engine.lora_manager import LoRAManager
+from loraserve.engine.request import Request
+from loraserve.engine.scheduler import Scheduler
 
 PREFIX = "loraserve:"
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -47,10 +50,32 @@ class _EngineState(Collector):
         preemptions.add_metric([name], scheduler.num_preemptions)
         yield preemptions
         if engine.lora is not None:
-            info = GaugeMetricFamily(PREFIX + "lora_requests_info", "Adapters resident in slots (vLLM's shape).",
-                                     labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-            info.add_metric([str(len(engine.lora.ranks)), ",".join(engine.lora.resident()), ""], time.time())
-            yield info
+            yield from _adapter_metrics(engine.lora, scheduler)
+
+
+def _adapter_metrics(lora: LoRAManager, scheduler: Scheduler) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """vLLM's `lora_requests_info` (gateways route by it), and the adapter tiers' counters."""
+    def adapters(requests: Iterable[Request]) -> str:
+        # a copy first: the step loop may be changing the queue while this scrape reads it
+        return ",".join(sorted({r.adapter.adapter_id for r in list(requests) if r.adapter is not None}))
+
+    info = GaugeMetricFamily(PREFIX + "lora_requests_info", "Adapters of running and waiting requests.",
+                             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    info.add_metric([str(len(lora.ranks)), adapters(scheduler.running), adapters(scheduler.waiting)], time.time())
+    yield info
+    for metric, value, text in (
+        ("adapter_host_loads", lora.host.loads, "Adapters read from disk or downloaded into host memory."),
+        ("adapter_host_hits", lora.host.hits, "Adapter lookups served from host memory."),
+        ("adapter_host_evictions", lora.host.evictions, "Adapters evicted from host memory."),
+        ("adapter_slot_loads", lora.slot_loads, "Adapters copied into a LoRA slot."),
+        ("adapter_slot_evictions", lora.slot_evictions, "Adapters evicted from a LoRA slot."),
+    ):
+        counter = CounterMetricFamily(PREFIX + metric, text)
+        counter.add_metric([], value)
+        yield counter
+    slots = GaugeMetricFamily(PREFIX + "adapter_slots_in_use", "LoRA slots holding an adapter.")
+    slots.add_metric([], len(lora.resident()))
+    yield slots
 
 
 class Metrics:
@@ -64,6 +89,10 @@ class Metrics:
                               labels, buckets=TPOT_BUCKETS, registry=self.registry)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "End-to-end request latency.", labels,
                              buckets=E2E_BUCKETS, registry=self.registry)
+        self.queue = Histogram(PREFIX + "request_queue_time_seconds", "Time from arrival (adapter loading included) "
+                               "to the first scheduled step.", labels, buckets=E2E_BUCKETS, registry=self.registry)
+        self.inference = Histogram(PREFIX + "request_inference_time_seconds", "Time from the first scheduled step to "
+                                   "the end.", labels, buckets=E2E_BUCKETS, registry=self.registry)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", labels,
                                      registry=self.registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", labels,
@@ -93,6 +122,9 @@ class Metrics:
         if not output.finished:
             return first
         self.e2e.labels(*labels).observe(now - start)
+        if output.timings is not None:
+            self.queue.labels(*labels).observe(output.timings.queue)
+            self.inference.labels(*labels).observe(output.timings.inference)
         if output.generated_tokens > 1:
             self.tpot.labels(*labels).observe((now - first) / (output.generated_tokens - 1))
         self.prompt_tokens.labels(*labels).inc(output.prompt_tokens)

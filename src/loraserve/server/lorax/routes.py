@@ -1,7 +1,9 @@
-"""LoRAX's native routes: `/generate`, `/generate_stream`, `/` (the clients' compat route), `/health`, `/info`."""
+"""LoRAX's native routes: `/generate`, `/generate_stream`, `/` (the clients' compat route), `/tokenize`, `/health`,
+`/info`, `/metrics`."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
@@ -23,9 +25,12 @@ from loraserve.server.lorax.schemas import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    PrefillToken,
     StreamDetails,
     StreamResponse,
     Token,
+    TokenizeRequest,
+    TokenSpan,
 )
 from loraserve.server.sse import sse_event
 
@@ -48,18 +53,72 @@ def _adapter(body: GenerateRequest, request: Request) -> AdapterRef | None:
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=_ERRORS)
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+async def generate(body: GenerateRequest, request: Request, response: Response) -> GenerateResponse:
+    started = time.monotonic()
     params = sampling_params_from_lorax(body.parameters, reports_tokens=bool(body.parameters.details))
     adapter = _adapter(body, request)
     release = request.app.state.admission.acquire()
     try:
         outputs = _engine(request).generate(body.inputs, params, adapter=adapter)
+        validated = time.monotonic()
         completion = await collect(request.app.state.metrics.observed(outputs, _label(adapter)))
     finally:
         release()
     text = body.inputs + completion.text if body.parameters.return_full_text else completion.text
-    details = _details(completion, params.seed) if body.parameters.details else None
+    details = None
+    if body.parameters.details:
+        prefill = _prefill(body.inputs, completion, request) if body.parameters.decoder_input_details else []
+        details = _details(completion, params.seed, prefill)
+    response.headers.update(_timing_headers(body, request, adapter, completion, validated - started,
+                                            time.monotonic() - started))
     return GenerateResponse(generated_text=text, details=details)
+
+
+def _common_headers(body: GenerateRequest, request: Request, adapter: AdapterRef | None) -> dict[str, str]:
+    headers = {"x-compute-type": _engine(request).engine.config.torch_device().type,
+               "x-compute-characters": str(len(body.inputs)), "x-model-id": _engine(request).engine.model_name}
+    if adapter is not None:
+        headers |= {"x-adapter-id": adapter.adapter_id, "x-adapter-source": adapter.source}
+    return headers
+
+
+def _timing_headers(body: GenerateRequest, request: Request, adapter: AdapterRef | None, completion: Completion,
+                    validation: float, total: float) -> dict[str, str]:
+    """LoRAX's `x-*` headers of `/generate`; times in milliseconds."""
+    timings = completion.timings
+    generated = len(completion.tokens)
+    inference = timings.inference if timings else 0.0
+    first_token = timings.time_to_first_token if timings else None
+    per_token = inference / generated if generated else 0.0
+    values = {
+        "x-total-time": total * 1e3, "x-validation-time": validation * 1e3,
+        "x-queue-time": (timings.queue if timings else 0.0) * 1e3, "x-inference-time": inference * 1e3,
+        "x-compute-time": inference * 1e3, "x-time-per-token": per_token * 1e3,
+        "x-time-to-first-token": (first_token or 0.0) * 1e3,
+        "x-time-per-output-token": per_token * 1e3,
+    }
+    headers = {name: f"{value:.3f}" for name, value in values.items()}
+    headers |= {"x-prompt-tokens": str(completion.prompt_tokens), "x-generated-tokens": str(generated),
+                "x-total-tokens": str(completion.prompt_tokens + generated), "x-skipped-tokens": "0"}
+    return _common_headers(body, request, adapter) | headers
+
+
+def _prefill(inputs: str, completion: Completion, request: Request) -> list[PrefillToken]:
+    """`decoder_input_details`: each prompt token with its logprob given its prefix (the first has none)."""
+    tokenizer = _engine(request).engine.tokenizer
+    first = tokenizer.encode(inputs)[0]
+    entries = [(first, None)] + [(token, logprob) for token, logprob, _ in completion.prompt_logprobs or []]
+    return [PrefillToken(id=token, text=tokenizer.decode([token]), logprob=logprob) for token, logprob in entries]
+
+
+@router.post("/tokenize", responses=_ERRORS)
+async def tokenize(body: TokenizeRequest, request: Request) -> list[TokenSpan]:
+    """Token ids with their text and character offsets in `inputs` (LoRAX's `/tokenize`)."""
+    tokenizer = _engine(request).engine.tokenizer
+    encoded = tokenizer(body.inputs, add_special_tokens=body.add_special_tokens is not False,
+                        return_offsets_mapping=True)
+    return [TokenSpan(id=token, text=body.inputs[start:stop], start=start, stop=stop)
+            for token, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"])]
 
 
 @router.post("/generate_stream", response_class=StreamingResponse, responses=_ERRORS)
@@ -79,7 +138,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> StreamingR
     return StreamingResponse(
         _stream_events(outputs, prefix, params.seed, release), media_type="text/event-stream",
         background=BackgroundTask(release),  # also covers a client gone before the stream started
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} | _common_headers(body, request, adapter),
     )
 
 
@@ -89,8 +148,10 @@ async def compat_generate(body: CompatGenerateRequest, request: Request) -> Resp
     if body.stream:
         return await generate_stream(body, request)
     body.parameters.details = True
-    reply = await generate(body, request)
-    return JSONResponse([reply.model_dump(exclude_none=True)])
+    headers = Response()
+    reply = await generate(body, request, headers)
+    timing = {name: value for name, value in headers.headers.items() if name.startswith("x-")}
+    return JSONResponse([reply.model_dump(exclude_none=True)], headers=timing)
 
 
 async def _stream_events(
@@ -125,13 +186,13 @@ def _token(token: TokenInfo) -> Token:
                  alternative_tokens=alternatives)
 
 
-def _details(completion: Completion, seed: int | None) -> Details:
+def _details(completion: Completion, seed: int | None, prefill: list[PrefillToken]) -> Details:
     return Details(
         finish_reason=completion.finish_reason.value if completion.finish_reason else "length",
         prompt_tokens=completion.prompt_tokens,
         generated_tokens=len(completion.tokens),
         seed=seed,
-        prefill=[],
+        prefill=prefill,
         tokens=[_token(t) for t in completion.tokens],
     )
 

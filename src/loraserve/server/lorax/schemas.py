@@ -103,3 +103,15 @@ class StreamResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     error_type: str
+
+
+class TokenizeRequest(BaseModel):
+    inputs: str
+    add_special_tokens: bool | None = True
+
+
+class TokenSpan(BaseModel):
+    id: int
+    text: str
+    start: int  # character offsets of the token in `inputs`
+    stop: int
