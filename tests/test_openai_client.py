@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
@@ -101,3 +102,20 @@ def test_stop_sequences_n_and_errors(client: openai.OpenAI, offline: LLM) -> Non
 def test_models_lists_the_base_and_resident_adapters(client: openai.OpenAI, dirs: tuple[Path, Path]) -> None:
     client.completions.create(model=str(dirs[1]), prompt="x", max_tokens=2, extra_body={"adapter_source": "local"})
     assert [m.id for m in client.models.list().data] == [str(dirs[0]), str(dirs[1])]
+
+
+def test_chat_uses_the_template_an_adapter_ships(client: openai.OpenAI, offline: LLM, dirs: tuple[Path, Path],
+                                                 tmp_path: Path) -> None:
+    templated = tmp_path / "templated-adapter"
+    shutil.copytree(dirs[1], templated)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    (templated / "chat_template.jinja").write_text(template)
+    # rendered as transformers' apply_chat_template(tokenize=True) would: no special tokens beyond the template's
+    ids = offline.engine.tokenizer.encode("[system] Be brief.\n[user] Name a capital.\n[assistant]",
+                                          add_special_tokens=False)
+    expected = offline.generate([ids], SamplingParams(max_new_tokens=6, ignore_eos=True),
+                                [AdapterRef(str(dirs[1]), "local")])[0]
+    reply = client.chat.completions.create(model=str(templated), messages=MESSAGES, max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True, "adapter_source": "local"})
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == len(ids)

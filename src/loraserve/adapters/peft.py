@@ -38,6 +38,7 @@ class LoRAModule:
 class LoRAAdapter:
     name: str
     modules: dict[str, LoRAModule]  # keyed by the base model's module name, e.g. model.layers.0.self_attn.q_proj
+    chat_template: str | None = None  # shipped with the adapter: chats with it are rendered with it
 
     @property
     def max_rank(self) -> int:
@@ -86,7 +87,24 @@ def load_peft_adapter(
         modules[module] = _module(name, module, pair, config, projections, dtype)
     if not modules:
         raise AdapterLoadError(f"adapter {name!r} holds no LoRA weights")
-    return LoRAAdapter(name, modules)
+    return LoRAAdapter(name, modules, _chat_template(path))
+
+
+def _chat_template(path: Path) -> str | None:
+    """The adapter's own chat template, where transformers keeps one: `chat_template.jinja`, else the
+    `chat_template` of `tokenizer_config.json` (the named-templates list form: its "default")."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    config_path = path / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        template = json.loads(config_path.read_text()).get("chat_template")
+    except json.JSONDecodeError as error:
+        raise AdapterLoadError(f"adapter tokenizer_config.json is not valid JSON: {error}") from error
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:

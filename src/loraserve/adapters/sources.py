@@ -12,7 +12,8 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from loraserve.errors import AdapterLoadError, AdapterNotFound, InvalidRequest
 
 SOURCES = ("hub", "local", "s3")
-_ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "tokenizer_config.json"]
+_ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "tokenizer_config.json",
+                  "chat_template.jinja"]
 
 
 def resolve_adapter(

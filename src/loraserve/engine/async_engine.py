@@ -100,6 +100,10 @@ class AsyncEngine:
         self._send("call", (function, future))
         return await asyncio.wrap_future(future)
 
+    async def adapter_chat_template(self, ref: AdapterRef) -> str | None:
+        """The chat template the adapter ships, if any (loading the adapter into host memory, off the loop)."""
+        return (await asyncio.to_thread(self.engine.lora.prepare, ref)).chat_template
+
     async def preload_adapter(self, ref: AdapterRef) -> bool:
         """Load the adapter into host memory (off the loop), then into a free slot; False if no slot was free."""
         await asyncio.to_thread(self.engine.lora.prepare, ref)

@@ -53,13 +53,14 @@ class LoRAManager:
         self.slot_loads = 0
         self.slot_evictions = 0
 
-    def prepare(self, ref: AdapterRef) -> None:
+    def prepare(self, ref: AdapterRef) -> LoRAAdapter:
         """Make the adapter host-resident and check it fits a slot; its errors belong to the request adding it, so
         they raise here rather than later inside the scheduler's gate, where they would fail the whole step."""
         adapter = self._host_adapter(ref)
         if adapter.max_rank > self.max_rank:
             raise AdapterLoadError(f"adapter {ref.adapter_id!r} has rank {adapter.max_rank}; this server's slots "
                                    f"hold at most {self.max_rank} (--max-lora-rank)")
+        return adapter
 
     def try_acquire(self, ref: AdapterRef) -> int | None:
         """The slot holding the adapter (copied in from the host tier if needed), or None while every slot is held by

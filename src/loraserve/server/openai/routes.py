@@ -73,10 +73,15 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
-    tokenizer = _engine(request).engine.tokenizer
+    engine = _engine(request)
+    tokenizer = engine.engine.tokenizer
     messages = [message.model_dump(exclude_none=True) for message in body.messages]
+    adapter = _adapter(body, request)
+    # an adapter trained on its own chat format ships its template; the base tokenizer's is the default
+    template = await engine.adapter_chat_template(adapter) if adapter is not None else None
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
     except Exception as error:  # noqa: BLE001 - jinja and template errors of every kind are the caller's input
         raise InvalidRequest(f"cannot apply the chat template: {error}") from error
     prompt = tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS
