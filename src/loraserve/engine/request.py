@@ -72,6 +72,7 @@ class Request:
     max_total_tokens: int  # prompt + generated may not exceed this (model context or server limit)
     adapter: AdapterRef | None = None
     adapter_slot: int = -1  # the LoRA slot the adapter occupies while the request is in flight; -1 = base model
+    slot_wait_steps: int = 0  # steps the scheduler passed it over for want of a free LoRA slot
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)

@@ -9,6 +9,11 @@ are admitted in arrival order while the budget, the sequence cap and the pool al
 remaining budget is admitted with a first chunk and continues next step. A request whose adapter cannot get a LoRA
 slot yet (all slots held by requests in flight) is passed over and keeps its place; the others go ahead.
 
+No adapter starves: requests for the adapters already in slots could keep every slot busy forever. Once a request has
+been passed over for `max_slot_wait_steps` steps, no later request that still needs a slot is admitted until it is,
+so the slots drain as their requests finish and the least recently used one goes to the starving request. Its wait
+is bounded by that many steps plus the longest remaining generation in the slots; base-model requests keep flowing.
+
 Pure Python, no torch: it is tested with synthetic requests.
 """
 
@@ -27,6 +32,7 @@ from loraserve.engine.request import Request, RequestStatus
 class SchedulerLimits:
     max_batch_tokens: int  # tokens computed per step (prefill chunks + decodes); LoRAX's max_batch_prefill_tokens
     max_running: int  # sequences in the running batch at once
+    max_slot_wait_steps: int = 32  # steps a request may wait for a LoRA slot before the slots are drained for it
 
 
 class Scheduler:
@@ -82,9 +88,14 @@ class Scheduler:
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
         passed_over: list[Request] = []
+        draining = False  # a request starves for a slot: hold back every later one that needs a slot too
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_running:
             request = self.waiting[0]
-            if self.adapter_gate is not None and not self.adapter_gate(request):
+            needs_slot = self.adapter_gate is not None and request.adapter is not None and request.adapter_slot < 0
+            if needs_slot and (draining or not self.adapter_gate(request)):
+                if not draining:
+                    request.slot_wait_steps += 1
+                    draining = request.slot_wait_steps >= self.limits.max_slot_wait_steps
                 passed_over.append(self.waiting.popleft())
                 continue
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
