@@ -1,8 +1,12 @@
-"""Multi-LoRA throughput on the default model: 32 concurrent requests spread over 1, 8 or 32 distinct rank-16 adapters
-(all seven projections), against the base model alone, in one run; plus the cold-load time of one adapter.
+"""Multi-LoRA throughput on the default model, in one run: output tokens/s of 32 concurrent requests spread over 1, 8,
+32 and 128 distinct rank-16 adapters (all seven projections) against the base model alone; 1000 adapters in rotation
+against one adapter; the cold-load time of one adapter; the time to first token for an uncached adapter against the
+base model's.
 
-Adapters are random PEFT checkpoints written here (adapter_config.json + adapter_model.safetensors). Appends a dated
-section to benchmarks/RESULTS.md.
+Adapters are random PEFT checkpoints written here (adapter_config.json + adapter_model.safetensors). The 1000-adapter
+rotation uses 1000 adapter folders whose weight files are symlinks to 32 real ones (15 MB each in fp32): every id is
+still read, validated and cached on its own, as 1000 real adapters would be, without writing 15 GB. Replaces its
+section of benchmarks/RESULTS.md and writes benchmarks/plots/lora_throughput.png.
 
     .venv/bin/python benchmarks/lora_throughput.py
 """
@@ -10,8 +14,13 @@ section to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
+import platform
+import random
+import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -20,20 +29,21 @@ import torch
 from safetensors.torch import save_file
 
 from loraserve.config import EngineConfig
+from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import Engine
+from loraserve.engine.llm import collect
 from loraserve.engine.request import AdapterRef
 from loraserve.sampling.params import SamplingParams
 
 HERE = Path(__file__).parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HEADING = "## Multi-LoRA throughput, default model"
 
 
 def write_adapter(path: Path, projections: dict[str, tuple[int, int]], rank: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, (fan_in, fan_out) in projections.items():
-        if name.rsplit(".", 1)[-1] not in TARGETS:
-            continue
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) * 0.02
         tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.02
@@ -43,63 +53,168 @@ def write_adapter(path: Path, projections: dict[str, tuple[int, int]], rank: int
         {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": TARGETS}))
 
 
-def throughput(engine: Engine, adapters: list[Path | None], concurrency: int, new_tokens: int) -> float:
+def alias_adapter(source: Path, path: Path) -> None:
+    path.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (path / name).symlink_to(source / name)
+
+
+def throughput(engine: Engine, adapters: list[Path | None], requests: int, new_tokens: int) -> float:
+    """Output tokens/s for `requests` requests added at once (the engine runs up to max_running of them at a time),
+    request i using adapters[i % len(adapters)]."""
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, chosen_logprob=False)
-    requests = [
+    made = [
         engine.make_request(f"Write a short paragraph about topic number {i}.", params,
-                            adapter=AdapterRef(str(adapters[i % len(adapters)]), "local")
-                            if adapters[i % len(adapters)] else None)
-        for i in range(concurrency)
+                            adapter=AdapterRef(str(path), "local") if (path := adapters[i % len(adapters)]) else None)
+        for i in range(requests)
     ]
     start = time.perf_counter()
-    for request in requests:
+    for request in made:
         engine.add(request)
     while engine.has_work():
         engine.step()
-    return concurrency * new_tokens / (time.perf_counter() - start)
+    return requests * new_tokens / (time.perf_counter() - start)
+
+
+def rotation_throughput(engine: Engine, adapters: list[Path], new_tokens: int) -> float:
+    """Output tokens/s through the server's path (`AsyncEngine`): every request arrives at once, its adapter is read
+    in a worker thread while the step loop keeps decoding the requests already admitted."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, chosen_logprob=False)
+
+    async def run() -> float:
+        front = AsyncEngine(engine)
+        front.start()
+        try:
+            start = time.perf_counter()
+            await asyncio.gather(*(collect(front.generate(f"Write a short paragraph about topic number {i}.", params,
+                                                          adapter=AdapterRef(str(path), "local")))
+                                   for i, path in enumerate(adapters)))
+            return len(adapters) * new_tokens / (time.perf_counter() - start)
+        finally:
+            front.shutdown()
+
+    return asyncio.run(run())
+
+
+def time_to_first_token(engine: Engine, adapter: Path | None) -> float:
+    """Seconds from adding one request (adapter load included) to its first token, on an idle engine."""
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True, chosen_logprob=False)
+    request = engine.make_request("Write a short paragraph about a cold start.", params,
+                                  adapter=AdapterRef(str(adapter), "local") if adapter else None)
+    start = time.perf_counter()
+    engine.add(request)
+    while engine.has_work():
+        engine.step()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rotation", type=int, default=1000, help="adapter ids in the rotation run")
+    parser.add_argument("--rotation-requests", type=int, default=256)
     args = parser.parse_args()
-    engine = Engine.from_config(EngineConfig(dtype="bfloat16", max_active_adapters=max(args.adapters),
+    engine = Engine.from_config(EngineConfig(dtype="bfloat16", max_active_adapters=args.concurrency,
                                              max_running_requests=args.concurrency))
     projections = {name: (layer.in_features, layer.out_features) for name, layer in engine.lora.layers.items()}
     root = Path(tempfile.mkdtemp(prefix="lora-bench-"))
-    fleet = [root / f"adapter-{i}" for i in range(max(args.adapters) + 1)]
+    real = max(max(args.adapters), 32)
+    fleet = [root / f"adapter-{i}" for i in range(real)]
     for i, path in enumerate(fleet):
         write_adapter(path, projections, 16, seed=i)
-    start = time.perf_counter()
-    engine.lora.host.get(str(fleet[-1]), "local", None)  # cold: read from disk into host memory
-    cold_ms = (time.perf_counter() - start) * 1e3
+    rotation = [root / f"rotation-{i:04d}" for i in range(args.rotation)]
+    for i, path in enumerate(rotation):
+        alias_adapter(fleet[i % 32], path)
+    extra_cold = [root / f"cold-{i}" for i in range(6)]
+    for i, path in enumerate(extra_cold):
+        write_adapter(path, projections, 16, seed=10_000 + i)
 
     throughput(engine, [None], 4, 4)  # warm-up
     base = throughput(engine, [None], args.concurrency, args.new_tokens)
     rows = [("base model", base)]
+    print(rows[-1], flush=True)
     for count in args.adapters:
-        throughput(engine, fleet[:count], count, 2)  # load them into host memory and slots once
-        rows.append((f"{count} distinct adapters", throughput(engine, fleet[:count], args.concurrency,
-                                                              args.new_tokens)))
+        requests = max(args.concurrency, count)
+        throughput(engine, fleet[:count], requests, 2)  # read each into host memory once
+        rows.append((f"{count} distinct adapters", throughput(engine, fleet[:count], requests, args.new_tokens)))
         print(rows[-1], flush=True)
+    one_adapter = rows[1][1] if args.adapters[0] == 1 else throughput(engine, fleet[:1], args.concurrency,
+                                                                     args.new_tokens)
+    picks = random.Random(0).sample(rotation, min(args.rotation_requests, len(rotation)))
+    rotating = rotation_throughput(engine, picks, args.new_tokens)  # every request: an adapter never seen
+    print(("rotation", rotating), flush=True)
+
+    cold_load_ms = []
+    for path in extra_cold[:3]:
+        start = time.perf_counter()
+        engine.lora.host.get(str(path), "local", None)
+        cold_load_ms.append((time.perf_counter() - start) * 1e3)
+    base_ttft = statistics.median(time_to_first_token(engine, None) for _ in range(5)) * 1e3
+    cold_ttft = statistics.median(time_to_first_token(engine, path) for path in extra_cold[3:]) * 1e3
+    print(("ttft base / cold", base_ttft, cold_ttft), flush=True)
+    write_results(args, rows, one_adapter, rotating, statistics.median(cold_load_ms), base_ttft, cold_ttft)
+
+
+def write_results(args: argparse.Namespace, rows: list[tuple[str, float]], one_adapter: float, rotating: float,
+                  cold_load_ms: float, base_ttft: float, cold_ttft: float) -> None:
+    base = rows[0][1]
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     lines = [
-        f"## Multi-LoRA throughput, default model ({datetime.date.today().isoformat()})",
+        f"{HEADING} ({datetime.date.today().isoformat()})",
         "",
-        f"- Command: `.venv/bin/python benchmarks/lora_throughput.py --new-tokens {args.new_tokens}`",
-        f"- Workload: {args.concurrency} concurrent requests, {args.new_tokens} new tokens each (EOS ignored), greedy,"
-        " bf16; rank-16 adapters on all seven projections of all 18 layers, spread round-robin over the requests.",
+        f"- Machine: {model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}.",
+        "- Command: `.venv/bin/python benchmarks/lora_throughput.py`",
+        f"- Workload: up to {args.concurrency} requests running at once, {args.new_tokens} new tokens each (EOS "
+        "ignored), greedy, bf16, prompts of about 12 tokens (their prefill is included); rank-16 adapters on all "
+        f"seven projections of all 18 layers, round-robin over the requests; {args.concurrency} LoRA slots.",
         "",
-        "| batch | tok/s | ratio to base |",
+        "| run | tok/s | ratio to base |",
         "|---|---|---|",
         *[f"| {name} | {value:.1f} | {value / base:.2f} |" for name, value in rows],
         "",
-        f"Cold load of one rank-16 adapter from local disk into host memory: {cold_ms:.1f} ms.",
+        f"- Rotation: {args.rotation_requests} requests arriving at once over {args.rotation} adapter ids, through "
+        "`AsyncEngine` (the server's path), each request's adapter cold (read from disk in a worker thread, "
+        f"validated, copied into a slot): {rotating:.1f} tok/s = "
+        f"**{rotating / one_adapter:.2f}x** the one-adapter throughput ({one_adapter:.1f} tok/s).",
+        f"- Cold load of one adapter from local disk into host memory: {cold_load_ms:.1f} ms (median of 3).",
+        f"- Time to first token, one request on an idle engine: base model {base_ttft:.1f} ms; a never-seen adapter "
+        f"{cold_ttft:.1f} ms, that is base + {cold_ttft - base_ttft:.1f} ms (aim: base + 50 ms).",
+        "",
+        "![throughput against adapters](plots/lora_throughput.png)",
         "",
     ]
     results = HERE / "RESULTS.md"
-    results.write_text(results.read_text().rstrip() + "\n\n" + "\n".join(lines))
+    text = results.read_text()
+    start = text.find(HEADING)
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start].rstrip() + ("\n\n" + text[end + 1 :] if end >= 0 else "")
+    results.write_text(text.rstrip() + "\n\n" + "\n".join(lines))
+    plot(rows, base)
+
+
+def plot(rows: list[tuple[str, float]], base: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name.replace(" distinct adapters", "") for name, _ in rows]
+    values = [value for _, value in rows]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.bar(names, values, color=["#888"] + ["#3b7dd8"] * (len(rows) - 1))
+    axis.axhline(0.9 * base, color="#c33", linestyle="--", label="aim: 0.90 of base")
+    axis.set_xlabel("distinct adapters among the requests")
+    axis.set_ylabel("output tokens/s")
+    axis.set_title("Gemma 3 270M, bf16, 2 CPU cores")
+    axis.legend()
+    figure.tight_layout()
+    (HERE / "plots").mkdir(exist_ok=True)
+    figure.savefig(HERE / "plots" / "lora_throughput.png", dpi=120)
 
 
 if __name__ == "__main__":
