@@ -22,7 +22,7 @@ from loraserve.engine.engine import Engine
 from loraserve.engine.llm import LLM, collect
 from loraserve.engine.request import AdapterRef
 from loraserve.errors import AdapterLoadError, AdapterNotFound
-from loraserve.layers.lora_ops import LoRABatch, dense_delta, reference_delta, segmented_delta
+from loraserve.layers.lora_ops import LoRABatch, dense_delta, reference_delta, segmented_delta, uniform_delta
 from loraserve.sampling.params import SamplingParams
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -108,7 +108,11 @@ def test_lora_kernels_agree_with_the_reference_loop() -> None:
     torch.testing.assert_close(dense[batch.rows], expected, rtol=1e-5, atol=1e-5)
     assert dense[[i for i, s in enumerate(token_slots) if s < 0]].abs().max() == 0
     assert sorted(batch.rows.tolist()) == [i for i, s in enumerate(token_slots) if s >= 0]
-    assert batch.slots_in_use == 5
+    assert batch.slots_in_use == 5 and batch.uniform_slot is None
+    uniform = LoRABatch.build([3] * 30, ranks, torch.device("cpu"))
+    assert uniform.uniform_slot == 3
+    torch.testing.assert_close(uniform_delta(x, a, b, uniform), reference_delta(x, a, b, uniform), rtol=1e-5,
+                               atol=1e-5)
     assert LoRABatch.build([-1, -1], ranks, torch.device("cpu")) is None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from loraserve.layers.context import get_forward_context
-from loraserve.layers.lora_ops import dense_delta, segmented_delta
+from loraserve.layers.lora_ops import dense_delta, segmented_delta, uniform_delta
 
 
 class LoRASlots:
@@ -36,6 +36,8 @@ class LoRASlots:
         batch = get_forward_context().lora
         if batch is None:
             return y
+        if batch.uniform_slot is not None:
+            return y.add_(uniform_delta(x, self.a, self.b, batch).to(y.dtype))
         if batch.use_dense(self.a.shape[1]):
             return y.add_(dense_delta(x, self.a, self.b, batch).to(y.dtype))
         delta = segmented_delta(x, self.a, self.b, batch)

@@ -1,8 +1,9 @@
 """Batched LoRA deltas for a flat token batch where each token may use a different adapter slot.
 
-`LoRABatch` is built once per step by the runner. Three implementations of the same sum, checked against each other:
+`LoRABatch` is built once per step by the runner. Four implementations of the same sum, checked against each other:
 
 - the reference loop over tokens (the test oracle);
+- uniform: every token of the step uses one adapter: one matmul pair over the batch as it is;
 - segmented: one pair of matmuls per adapter segment at the adapter's true rank. Few long segments (prefill, or one
   adapter for the whole batch) cost one matmul pair each;
 - dense: one pair of matmuls for the whole batch over every slot in use, `(x A_all^T * mask) B_all^T`, where the mask
@@ -33,6 +34,7 @@ class LoRABatch:
     segments: list[tuple[int, int, int]]  # (slot, start, stop) over `rows`
     ranks: list[int]  # true rank per slot (0 = empty)
     slots_in_use: int  # 1 + the highest slot any token uses: the dense form reads slots [0, slots_in_use)
+    uniform_slot: int | None  # the one slot every token of the step uses (no gather, no scatter needed), if any
     _masks: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -53,6 +55,7 @@ class LoRABatch:
             segments=segments,
             ranks=ranks,
             slots_in_use=order[-1][0] + 1,
+            uniform_slot=order[0][0] if len(segments) == 1 and len(order) == len(token_slots) else None,
         )
 
     def use_dense(self, max_rank: int) -> bool:
@@ -78,6 +81,13 @@ def dense_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABa
     width = batch.slots_in_use * max_rank
     shrunk = F.linear(x, a.view(slots * max_rank, d_in)[:width]) * batch.slot_mask(max_rank, x.dtype)
     return F.linear(shrunk, b.view(b.shape[0], slots * max_rank)[:, :width])
+
+
+def uniform_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+    """Every token uses `batch.uniform_slot`: one matmul pair at its true rank over `x` as it is `[T, out]`."""
+    slot = batch.uniform_slot
+    rank = batch.ranks[slot]
+    return F.linear(F.linear(x, a[slot, :rank]), b[:, slot, :rank])
 
 
 def segmented_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
