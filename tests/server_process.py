@@ -23,8 +23,9 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                   timeout: float = 180.0) -> Iterator[str]:
-    """Yield the base URL of a `loraserve serve` process started with `args`; the process is stopped on exit."""
+                   timeout: float = 180.0, until_ready: bool = True) -> Iterator[str]:
+    """Yield the base URL of a `loraserve serve` process started with `args` once /health answers 200 (or, with
+    `until_ready=False`, once it answers at all: the model may still be loading); the process is stopped on exit."""
     port = free_port()
     command = [sys.executable, "-m", "loraserve.cli", "serve", "--hostname", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "wb") as log:
@@ -39,6 +40,9 @@ def running_server(args: list[str], log_path: Path, env: dict[str, str] | None =
                 with urllib.request.urlopen(base_url + "/health", timeout=2) as response:
                     if response.status == 200:
                         break
+            except urllib.error.HTTPError:
+                if not until_ready:
+                    break
             except (urllib.error.URLError, ConnectionError):
                 pass
             if time.monotonic() > deadline:

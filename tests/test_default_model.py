@@ -17,6 +17,7 @@ once (then ~4 s from the cache); transformers' reference load ~45 s.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,7 +191,14 @@ def test_serve_with_no_model_argument_works_offline(cache_dir: Path, tokenizer: 
                                                    tmp_path: Path) -> None:
     """The whole engine on the default model, in a fresh process that reuses the cached .gguf and tokenizer."""
     env = {"HF_HUB_OFFLINE": "1", "LORASERVE_CACHE": str(cache_dir)}
-    with running_server([], tmp_path / "server.log", env=env, timeout=300) as url:
+    with running_server([], tmp_path / "server.log", env=env, timeout=300, until_ready=False) as url:
+        # the process answers while the model loads (about 10 s): 503 with a JSON body, as LoRAX while its shards load
+        status, body = post_json(url + "/generate", {"inputs": "x"})
+        assert status == 503 and body["error_type"] == "unhealthy", body
+        deadline = time.monotonic() + 300
+        while post_json(url + "/generate", {"inputs": "x", "parameters": {"max_new_tokens": 1}})[0] == 503:
+            assert time.monotonic() < deadline, "the model never finished loading"
+            time.sleep(0.5)
         status, body = post_json(url + "/generate", {"inputs": "The capital of France is",
                                                      "parameters": {"max_new_tokens": 8, "details": True}})
         assert status == 200 and "France" in body["generated_text"]

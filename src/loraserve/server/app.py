@@ -3,39 +3,82 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.datastructures import State
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loraserve import __version__
 from loraserve.config import EngineConfig, ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import Engine
 from loraserve.server.admission import ConcurrencyLimit
-from loraserve.server.errors import install_error_handlers
+from loraserve.server.errors import error_body, install_error_handlers
 from loraserve.server.metrics import Metrics
 from loraserve.server.inventory import router as inventory_router
 from loraserve.server.lorax.routes import router as lorax_router
 from loraserve.server.openai.routes import router as openai_router
 
+logger = logging.getLogger(__name__)
+_ALWAYS_SERVED = {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}  # what needs no model
 
-def build_app(engine: AsyncEngine, server_config: ServerConfig) -> FastAPI:
-    """An app serving `engine`; the engine's step loop starts and stops with the app."""
+
+class _ReadyGate:
+    """503 for every route that needs the model while it loads. Plain ASGI: Starlette's `BaseHTTPMiddleware` would
+    wrap every streamed response and hide client disconnects from the routes."""
+
+    def __init__(self, app: ASGIApp, state: State) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.state.engine is None and scope["path"] not in _ALWAYS_SERVED:
+            response = JSONResponse(error_body("the model is still loading", "unhealthy"), status_code=503)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfig) -> FastAPI:
+    """An app that answers at once and loads its engine in the background.
+
+    Until the model is loaded, `/health` and every generation route answer 503 (LoRAX's behaviour while its shards
+    load), so an orchestrator sees a live process that is not ready yet. A load failure is logged and ends the
+    process with status 1: a server that cannot serve should not linger.
+    """
+
+    def load() -> None:
+        try:
+            engine = load_engine()
+        except BaseException:  # noqa: BLE001 - whatever stops the load, the process must not hang half-started
+            logger.exception("loading the model failed")
+            os._exit(1)
+        app.state.metrics = Metrics(engine)
+        engine.start()
+        app.state.engine = engine
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        loader = threading.Thread(target=load, name="loraserve-model-load", daemon=True)
+        loader.start()
         try:
             yield
         finally:
-            engine.shutdown()
+            if app.state.engine is not None:
+                app.state.engine.shutdown()
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
-    app.state.engine = engine
+    app.state.engine = None
     app.state.server_config = server_config
     app.state.admission = ConcurrencyLimit(server_config.max_concurrent_requests)
-    app.state.metrics = Metrics(engine)
+
+    app.add_middleware(_ReadyGate, state=app.state)
     install_error_handlers(app)
     app.include_router(lorax_router)
     app.include_router(openai_router)
@@ -44,7 +87,6 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig) -> FastAPI:
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    """Load the model, then serve until interrupted."""
-    engine = AsyncEngine(Engine.from_config(engine_config))
-    app = build_app(engine, server_config)
+    """Serve at once; the model loads in the background (503 until it is ready), then serve until interrupted."""
+    app = build_app(lambda: AsyncEngine(Engine.from_config(engine_config)), server_config)
     uvicorn.run(app, host=server_config.hostname, port=server_config.port, log_level="info")
