@@ -138,3 +138,10 @@ def test_tokenize_gives_ids_and_character_offsets(server: str, offline: LLM) -> 
     assert [t["id"] for t in reply] == offline.engine.tokenizer.encode(text)
     assert "".join(t["text"] for t in reply) == text
     assert all(text[t["start"]:t["stop"]] == t["text"] for t in reply)
+
+
+def test_a_model_that_cannot_load_ends_the_process(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="server exited with 1"):
+        with running_server(["--model-id", str(tmp_path / "no-such-model"), *ENGINE_FLAGS], tmp_path / "server.log"):
+            pass
+    assert "loading the model failed" in (tmp_path / "server.log").read_text()
