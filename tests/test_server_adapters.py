@@ -56,6 +56,13 @@ def test_adapters_from_the_hub_with_per_request_tokens(dirs: tuple[Path, Path], 
             status, reply = post_json(url + "/generate", with_token)
             assert status == 200, reply
             assert [t["id"] for t in reply["details"]["tokens"]] == expected.token_ids
+            # now in memory, yet still refused to a request whose token cannot reach it on the Hub
+            wrong_token = {**body, "parameters": {**private["parameters"], "api_token": "hf_someone_else"}}
+            for attempt in (private, wrong_token):
+                status, reply = post_json(url + "/generate", attempt)
+                assert status == 424 and "acme/private-lora" in reply["error"], reply
+            status, reply = post_json(url + "/generate", with_token)  # the owner's token still works
+            assert status == 200, reply
 
             second = {**body, "parameters": {**body["parameters"], "adapter_id": "acme/private-lora-2"}}
             status, reply = post_json(url + "/generate", second, headers={"Authorization": f"Bearer {TOKEN}"})

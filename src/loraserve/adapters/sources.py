@@ -6,8 +6,14 @@ from pathlib import Path
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
-from huggingface_hub import scan_cache_dir, snapshot_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub import HfApi, scan_cache_dir, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 
 from loraserve.errors import AdapterLoadError, AdapterNotFound, InvalidRequest
 
@@ -29,15 +35,34 @@ def resolve_adapter(
         return path
     if source != "hub":
         raise InvalidRequest(f"`adapter_source` must be one of {', '.join(SOURCES)}; got {source!r}")
+    revision = check_hub_access(adapter_id, token)
     try:
         # token=False: never let huggingface_hub fall back to the server's HF_TOKEN behind the request's back
-        path = snapshot_download(adapter_id, token=token or False, cache_dir=str(cache_dir),
+        path = snapshot_download(adapter_id, revision=revision, token=token or False, cache_dir=str(cache_dir),
                                  allow_patterns=_ADAPTER_FILES)
         return Path(path)
     except (RepositoryNotFoundError, EntryNotFoundError, LocalEntryNotFoundError) as error:
         raise AdapterNotFound(f"adapter {adapter_id!r} not found on the Hub: {error}") from error
     except Exception as error:  # noqa: BLE001 - network and server failures of every kind
         raise AdapterLoadError(f"adapter {adapter_id!r}: download failed: {error}") from error
+
+
+def check_hub_access(adapter_id: str, token: str | None) -> str | None:
+    """The commit of `adapter_id`'s main branch as `token` sees it; raises `AdapterNotFound` if it cannot see it.
+
+    An explicit metadata call, because `snapshot_download` answers a refused request from the local cache when the
+    files are there (downloaded earlier with someone else's token). Offline (`HF_HUB_OFFLINE`), nothing can be asked:
+    None, and the cache is trusted.
+    """
+    try:
+        return HfApi().model_info(adapter_id, revision="main", token=token or False).sha
+    except OfflineModeIsEnabled:
+        return None
+    except (RepositoryNotFoundError, GatedRepoError) as error:
+        raise AdapterNotFound(f"adapter {adapter_id!r} not found on the Hub, or not visible with the request's "
+                              f"token: {error}") from error
+    except Exception as error:  # noqa: BLE001 - network and server failures of every kind
+        raise AdapterLoadError(f"adapter {adapter_id!r}: the Hub did not answer: {error}") from error
 
 
 def _from_s3(adapter_id: str, cache_dir: Path, endpoint_url: str | None) -> Path:
