@@ -20,6 +20,7 @@ from typing import TypeVar
 from loraserve.engine.engine import Engine, RequestOutput
 from loraserve.engine.request import AdapterRef, Request
 from loraserve.errors import EngineDead
+from loraserve.sampling.grammar import GrammarSpec
 from loraserve.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,16 @@ class AsyncEngine:
 
     def start(self) -> None:
         self._thread.start()
+        # llguidance's tokenizer takes seconds to build for a large vocabulary: build it now, beside the step loop,
+        # rather than inside the first constrained request
+        threading.Thread(target=self.engine.grammars.prepare, name="loraserve-grammar-prepare", daemon=True).start()
+
+    async def compile_grammar(self, spec: GrammarSpec | None) -> None:
+        """Compile a request's grammar off the event loop (milliseconds per new schema, seconds if the tokenizer is
+        still being prepared) so that `generate` then finds it cached; raises `InvalidRequest` for a schema the
+        grammar engine cannot enforce."""
+        if spec is not None:
+            await asyncio.to_thread(self.engine.grammars.new_state, spec)
 
     def shutdown(self) -> None:
         self._stop = True

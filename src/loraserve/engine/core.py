@@ -1,13 +1,21 @@
-"""The synchronous step loop over token ids: schedule, run, update. It never sees text or asyncio."""
+"""The synchronous step loop over token ids: schedule, run, update. It never sees text or asyncio.
+
+A request with a grammar is fed each token it generates; it finishes as soon as the grammar is complete (or has
+consumed EOS), with `EOS_TOKEN` (LoRAX's `eos_token`, OpenAI's `stop`): a new wire value would break clients that
+parse the finish reason as an enum. `max_new_tokens` still cuts it short with `LENGTH`.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from loraserve.engine.contracts import RunnerOutput, SampledToken, SchedulerOutput
 from loraserve.engine.request import FinishReason, Request
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +69,8 @@ class EngineCore:
             token = result.sampled.get(request.request_id)
             if token is not None:
                 request.output_token_ids.append(token.token_id)
+                if request.grammar is not None and not request.grammar.consume(token.token_id):
+                    logger.warning("request %s left its grammar: %s", request.request_id, request.grammar.error)
                 reason = self._finish_reason(request, token.token_id)
                 if reason is not None:
                     request.finish_reason = reason
@@ -71,7 +81,12 @@ class EngineCore:
 
     def _finish_reason(self, request: Request, token_id: int) -> FinishReason | None:
         params = request.params
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        if token_id in params.stop_token_ids:
+            return FinishReason.EOS_TOKEN
+        if request.grammar is not None:
+            if request.grammar.is_stopped:  # complete, EOS consumed, or in error: nothing valid can follow
+                return FinishReason.EOS_TOKEN
+        elif not params.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.EOS_TOKEN
         if len(request.output_token_ids) >= params.max_new_tokens or request.num_tokens >= request.max_total_tokens:
             return FinishReason.LENGTH

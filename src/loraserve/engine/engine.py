@@ -24,6 +24,7 @@ from loraserve.engine.request import AdapterRef, FinishReason, Request, RequestT
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import Scheduler, SchedulerLimits
 from loraserve.errors import ContextTooLong, InvalidRequest
+from loraserve.sampling.grammar import GrammarCompiler
 from loraserve.sampling.params import SamplingParams
 
 
@@ -93,6 +94,7 @@ class Engine:
                              self.lora.ranks if self.lora is not None else None)
         self.core = EngineCore(scheduler, runner, loaded.eos_token_ids)
         self.eos_token_ids = loaded.eos_token_ids
+        self.grammars = GrammarCompiler(self.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
         self._special_ids = set(self.tokenizer.all_special_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -131,6 +133,7 @@ class Engine:
             params=params,
             max_total_tokens=self.max_total_tokens,
             adapter=adapter,
+            grammar=self.grammars.new_state(params.grammar) if params.grammar is not None else None,
         )
 
     def add(self, request: Request) -> None:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from loraserve.adapters.merge import MergeSpec
+from loraserve.sampling.grammar import GrammarState
 from loraserve.sampling.params import SamplingParams
 
 
@@ -80,6 +81,7 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     timings: RequestTimings = field(default_factory=RequestTimings)
+    grammar: GrammarState | None = None  # set iff params.grammar: fed each output token once, kept on preemption
 
     @property
     def num_tokens(self) -> int:

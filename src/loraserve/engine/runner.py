@@ -9,6 +9,7 @@ from loraserve.engine.input_batch import SequenceChunk, build_step_inputs
 from loraserve.layers.context import forward_context
 from loraserve.layers.lora_ops import LoRABatch
 from loraserve.models.base import CausalLM
+from loraserve.sampling.grammar import fill_bitmask
 from loraserve.sampling.sampler import Sampler, SamplingRow, prompt_logprobs
 
 
@@ -39,7 +40,8 @@ class ModelRunner:
         if sampling:
             logits = self.model.compute_logits(hidden[inputs.last_token_index[sampling]])
             rows = [self._sampling_row(step.chunks[i]) for i in sampling]
-            result = self.sampler.sample(logits, rows)
+            allowed = fill_bitmask([step.chunks[i].request.grammar for i in sampling])
+            result = self.sampler.sample(logits, rows, allowed)
             for row, i in enumerate(sampling):
                 output.sampled[step.chunks[i].request.request_id] = SampledToken(
                     result.token_ids[row], result.logprobs[row], result.top_logprobs[row]

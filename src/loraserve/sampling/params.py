@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from loraserve.errors import InvalidRequest
+from loraserve.sampling.grammar import GrammarSpec
 
 MAX_LOGPROBS = 20  # top-n alternatives per token (OpenAI's top_logprobs limit, vLLM's default max_logprobs)
 
@@ -41,6 +42,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-n alternatives per token (implies chosen_logprob); 0 = an empty list
     prompt_logprobs: int | None = None  # None: none; n >= 0: each prompt token's logprob plus top-n alternatives
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # the output must match this JSON schema / JSON object / regex
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +94,7 @@ class SamplingParams:
         prompt = self.prompt_logprobs
         _check(prompt is None or (_is_int(prompt) and 0 <= prompt <= MAX_LOGPROBS),
                f"`prompt_logprobs` must be >= 0 and <= {MAX_LOGPROBS}")
+        _check(self.grammar is None or isinstance(self.grammar, GrammarSpec), "`grammar` must be a GrammarSpec")
 
 
 def _is_int(value: object) -> bool:

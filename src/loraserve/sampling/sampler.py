@@ -6,8 +6,12 @@ row (building index lists and parameter vectors), never per vocabulary entry.
 Order, as in HF/TGI: penalties (repetition, then frequency/presence) on the raw logits; greedy rows take the argmax
 of the penalized logits; sampled rows go through temperature, top-k, top-p, typical-p, then min-p, and draw.
 
+Rows with a grammar first lose their disallowed tokens (logits set to -inf in place, from the step's bitmask), before
+penalties and the draw; rows without one are not touched, so their results do not depend on who shares the batch.
+
 Reported logprobs are the log-softmax of the RAW model logits (vLLM's default `raw_logprobs`), not of the penalized or
-warped distribution, so they describe the model whatever the request's decoding parameters.
+warped distribution, so they describe the model whatever the request's decoding parameters; for a constrained row they
+are taken after the grammar mask, as in vLLM (the model restricted to what the grammar allows).
 
 Seeded rows draw their one uniform number from a generator seeded with a hash of (seed, number of tokens generated
 so far) and pick the token by inverse CDF: the draw depends only on the request, so the same seed gives the same
@@ -26,6 +30,7 @@ from itertools import chain
 
 import torch
 
+from loraserve.sampling.grammar import apply_bitmask_
 from loraserve.sampling.params import SamplingParams
 
 @dataclass
@@ -46,8 +51,16 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._shared = torch.Generator().manual_seed(seed)  # for rows without a seed of their own
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """logits `[N, V]` float32, one row per entry of `rows` -> one token per row."""
+    def sample(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], allowed: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """logits `[N, V]` float32, one row per entry of `rows` -> one token per row.
+
+        `allowed`: the step's grammar bitmask `[N, ceil(V/32)]` int32 (see `grammar.fill_bitmask`); the rows whose
+        params have a grammar are masked with it, in place in `logits`.
+        """
+        if allowed is not None:
+            apply_bitmask_(logits, allowed, [i for i, row in enumerate(rows) if row.params.grammar is not None])
         scores = apply_penalties(logits, rows)
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]

@@ -7,6 +7,7 @@ from loraserve.engine.request import AdapterRef
 from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
 from loraserve.server.lorax.schemas import GenerateParameters
+from loraserve.server.response_format import grammar_for
 
 
 def request_token(api_token: str | None, authorization: str | None, server_token: str | None) -> str | None:
@@ -57,4 +58,5 @@ def sampling_params_from_lorax(parameters: GenerateParameters, reports_tokens: b
         chosen_logprob=reports_tokens,
         logprobs=parameters.return_k_alternatives,
         prompt_logprobs=0 if parameters.decoder_input_details else None,
+        grammar=grammar_for(parameters.response_format),
     )

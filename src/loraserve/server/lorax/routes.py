@@ -57,6 +57,7 @@ async def generate(body: GenerateRequest, request: Request, response: Response) 
     started = time.monotonic()
     params = sampling_params_from_lorax(body.parameters, reports_tokens=bool(body.parameters.details))
     adapter = _adapter(body, request)
+    await _engine(request).compile_grammar(params.grammar)
     release = request.app.state.admission.acquire()
     try:
         outputs = _engine(request).generate(body.inputs, params, adapter=adapter)
@@ -126,6 +127,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> StreamingR
     """One SSE event per token; the last also carries `generated_text` and `details`. No `[DONE]` (as LoRAX)."""
     params = sampling_params_from_lorax(body.parameters, reports_tokens=True)
     adapter = _adapter(body, request)
+    await _engine(request).compile_grammar(params.grammar)
     release = request.app.state.admission.acquire()
     try:
         outputs = request.app.state.metrics.observed(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from loraserve.server.response_format import ResponseFormat
+
 
 class MergedAdapters(BaseModel):
     """LoRAX's per-request merge. `density` defaults to 1.0 (keep everything), not LoRAX's 0.0, which would prune a
@@ -40,6 +42,7 @@ class GenerateParameters(BaseModel):
     truncate: int | None = None
     typical_p: float | None = None
     watermark: bool | None = False
+    response_format: ResponseFormat | None = None
 
 
 class GenerateRequest(BaseModel):

@@ -26,6 +26,7 @@ from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
 from loraserve.server.convert import request_token
 from loraserve.server.errors import status_for
+from loraserve.server.response_format import grammar_for
 from loraserve.server.openai.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -97,6 +98,7 @@ def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) 
         min_p=body.min_p, repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty, seed=body.seed, stop=stop, include_stop_in_output=False,
         ignore_eos=body.ignore_eos, chosen_logprob=logprobs is not None, logprobs=logprobs or None,
+        grammar=grammar_for(body.response_format),
     )
 
 
@@ -114,6 +116,7 @@ async def _serve(request: Request, body: SamplingFields, prompt: str | list[int]
     """Start the `n` generations (validation errors raise here, as HTTP errors), then reply or stream."""
     engine = _engine(request)
     adapter = _adapter(body, request)
+    await engine.compile_grammar(params.grammar)
     release = request.app.state.admission.acquire()
     try:
         # n > 1: distinct seeds per choice, so seeded choices differ from each other but each is reproducible

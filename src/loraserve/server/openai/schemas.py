@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from loraserve.server.response_format import ResponseFormat
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -33,6 +35,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     adapter_source: str | None = None
     api_token: str | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's on chat; also on completions, and a regex form
 
 
 class CompletionRequest(SamplingFields):
