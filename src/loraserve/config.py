@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZE_FORMATS = ("int8", "int4")  # weight-only formats of loraserve.quant
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -40,6 +41,7 @@ class EngineConfig:
     revision: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 on CPUs and GPUs that have it)
     device: str = "auto"  # auto | cpu | cuda
+    quantize: str | None = None  # None | int8 | int4: weight-only, linear layers (lm_head: int8)
     max_input_length: int = 1024  # longest prompt, in tokens
     max_total_tokens: int = 2048  # prompt + generated, per request
     max_batch_prefill_tokens: int = 4096  # tokens computed per step (prefill chunks plus decodes)
@@ -63,6 +65,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_FORMATS:
+            raise ValueError(f"quantize must be None or one of {list(QUANTIZE_FORMATS)}, got {self.quantize!r}")
         for name in ("max_input_length", "max_total_tokens", "max_batch_prefill_tokens", "max_running_requests",
                      "block_size", "kv_cache_memory", "max_lora_rank", "adapter_memory"):
             if getattr(self, name) < 1:
@@ -120,6 +124,7 @@ FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "revision": ("REVISION", str),
     "dtype": ("DTYPE", str),
     "device": ("DEVICE", str),
+    "quantize": ("QUANTIZE", str),
     "max_input_length": ("MAX_INPUT_LENGTH", int),
     "max_total_tokens": ("MAX_TOTAL_TOKENS", int),
     "max_batch_prefill_tokens": ("MAX_BATCH_PREFILL_TOKENS", int),

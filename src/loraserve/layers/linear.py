@@ -1,17 +1,20 @@
 """The projection every model file uses for the weights LoRA can target and quantization can replace.
 
-Model code only ever builds `Linear`; what a weight is stored as (float now, packed int8/int4 later) and whether a
-per-token adapter delta is added on top are decided outside the model, by swapping `weight_format` or attaching
+Model code only ever builds `Linear`; what a weight is stored as (float, oneDNN-packed bf16 or int8/int4) and whether a
+per-token adapter delta is added on top are decided outside the model, by `quantize` (at load) or attaching
 `lora`. Module names equal checkpoint names, so PEFT's `target_modules` address these layers directly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loraserve.quant import QuantizedWeight, quantize
 
 
 class LoRADelta(Protocol):
@@ -31,6 +34,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.lora: LoRADelta | None = None
         self.packed_weight: torch.Tensor | None = None  # oneDNN blocked layout, see `pack_for_cpu`
+        self.quantized: QuantizedWeight | None = None  # int8/int4 in place of the float weight, see `quantize`
 
     def pack_for_cpu(self, release_plain: bool) -> None:
         """Reorder the weight once into oneDNN's blocked layout.
@@ -43,8 +47,20 @@ class Linear(nn.Module):
         if release_plain:
             self.register_parameter("weight", None)
 
+    def quantize(self, fmt: str, release_plain: bool, name: str = "") -> None:
+        """Replace the float weight by `fmt` (see loraserve.quant); an adapter's delta stays in the activation dtype,
+        on top of the quantized base, as in QLoRA. The plain copy is released unless another module shares it."""
+        self.quantized = quantize(self.weight.detach(), fmt, name)
+        self.packed_weight = None
+        if release_plain:
+            self.register_parameter("weight", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
+        if self.quantized is not None:
+            y = self.quantized.matmul(x)
+            if self.bias is not None:
+                y = y + self.bias
+        elif self.packed_weight is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         else:
             y = F.linear(x, self.weight, self.bias)
@@ -61,10 +77,27 @@ def cpu_packing_applies(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of parameters that a module other than a `Linear` also holds (a tied embedding table)."""
+    return {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
+
+
 def pack_linear_weights(model: nn.Module) -> int:
-    """Pack every `Linear` of `model` for the CPU; returns how many were packed."""
-    shared = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    """Pack every float `Linear` of `model` for the CPU; returns how many were packed."""
+    shared = _shared_parameters(model)
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.quantized is None]
     for linear in linears:
         linear.pack_for_cpu(release_plain=id(linear.weight) not in shared)
     return len(linears)
+
+
+def quantize_linear_weights(model: nn.Module, format_of: Callable[[str], str | None]) -> dict[str, int]:
+    """Quantize each `Linear` of `model` to `format_of(its name)` (None: keep it float); returns counts per format."""
+    shared = _shared_parameters(model)
+    counts: dict[str, int] = {}
+    for name, linear in model.named_modules():
+        fmt = format_of(name) if isinstance(linear, Linear) else None
+        if fmt is not None:
+            linear.quantize(fmt, release_plain=id(linear.weight) not in shared, name=name)
+            counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
