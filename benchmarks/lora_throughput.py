@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from results_file import replace_section
+
 from loraserve.config import EngineConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import Engine
@@ -187,13 +189,7 @@ def write_results(args: argparse.Namespace, rows: list[tuple[str, float]], one_a
         "![throughput against adapters](plots/lora_throughput.png)",
         "",
     ]
-    results = HERE / "RESULTS.md"
-    text = results.read_text()
-    start = text.find(HEADING)
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start].rstrip() + ("\n\n" + text[end + 1 :] if end >= 0 else "")
-    results.write_text(text.rstrip() + "\n\n" + "\n".join(lines))
+    replace_section(HEADING, lines)
     plot(rows, base)
 
 

@@ -5,7 +5,7 @@ the linear layers' weights (decoder projections and lm_head apart), RSS after lo
 perplexity pass, decode tokens/s at 1 and 32 concurrent requests, perplexity on benchmarks/data/perplexity.txt
 (512-token windows) and greedy agreement with fp32 on a few prompts. Variants: the lm_head (a separate copy
 beside the tied embedding) in bf16, int8 (the default under quantization) or int4, and int4 group sizes 32/64/128.
-Writes a markdown section to stdout and to benchmarks/results/quantization.md.
+Prints a markdown section and puts it in benchmarks/RESULTS.md in place of the previous run's.
 
     .venv/bin/python benchmarks/quantization.py
 """
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import replace_section
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import Engine
@@ -36,6 +37,7 @@ from loraserve.quant.int4 import Int4Weight
 from loraserve.sampling.params import SamplingParams
 
 HERE = Path(__file__).parent
+HEADING = "## Weight-only quantization, default model"
 NEW_TOKENS = 32
 WINDOW = 512  # tokens per perplexity window (each starts with BOS and has its own context)
 PROMPTS = [f"Write a short paragraph about {topic}." for topic in (
@@ -237,7 +239,7 @@ def main() -> None:
         print(f"{name}: done", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
     lines = [
-        f"## Weight-only quantization, default model ({datetime.datetime.now().isoformat(timespec='minutes')})",
+        f"{HEADING} ({datetime.datetime.now().isoformat(timespec='minutes')})",
         "",
         f"- Machine: {machine()}, {results['bf16']['threads']} torch threads; load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (other work on the machine skews speeds)",
@@ -257,11 +259,8 @@ def main() -> None:
         *aims(results),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = HERE / "results" / "quantization.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("# Weight-only quantization\n\n" + text)
+    print("\n".join(lines))
+    replace_section(HEADING, lines)
     (HERE / "out").mkdir(exist_ok=True)
     (HERE / "out" / "quantization.json").write_text(json.dumps(results, indent=1))
 
