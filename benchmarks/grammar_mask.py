@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from results_file import replace_section
+from results_file import machine, replace_section
 
 from loraserve.config import EngineConfig
 from loraserve.engine import runner as runner_module
@@ -137,7 +136,7 @@ def main() -> None:
     lines = [
         f"{HEADING} ({datetime.date.today().isoformat()})",
         "",
-        f"- Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; load "
+        f"- Machine: {machine()}, {torch.get_num_threads()} torch threads; load "
         f"average {os.getloadavg()[0]:.2f} at the end. Command: `.venv/bin/python benchmarks/grammar_mask.py`",
         f"- Workload: {BATCH} requests, {args.new_tokens} new tokens, greedy, {args.dtype}; every row constrained by "
         "one 6-field JSON schema in the constrained run.",

@@ -17,10 +17,8 @@ import argparse
 import asyncio
 import datetime
 import json
-import platform
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from results_file import replace_section
+from results_file import machine, replace_section
 
 from loraserve.config import EngineConfig
 from loraserve.engine.async_engine import AsyncEngine
@@ -162,13 +160,10 @@ def main() -> None:
 def write_results(args: argparse.Namespace, rows: list[tuple[str, float]], one_adapter: float, rotating: float,
                   cold_load_ms: float, base_ttft: float, cold_ttft: float) -> None:
     base = rows[0][1]
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     lines = [
         f"{HEADING} ({datetime.date.today().isoformat()})",
         "",
-        f"- Machine: {model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"Python {platform.python_version()}.",
+        f"- Machine: {machine()}, {torch.get_num_threads()} torch threads.",
         "- Command: `.venv/bin/python benchmarks/lora_throughput.py`",
         f"- Workload: up to {args.concurrency} requests running at once, {args.new_tokens} new tokens each (EOS "
         "ignored), greedy, bf16, prompts of about 12 tokens (their prefill is included); rank-16 adapters on all "

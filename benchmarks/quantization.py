@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_file import replace_section
+from results_file import machine, replace_section
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import Engine
@@ -158,12 +158,6 @@ def run_worker(name: str, threads: int) -> dict:
     completed = subprocess.run([sys.executable, __file__, "--worker", name, "--threads", str(threads)],
                                stdout=subprocess.PIPE, text=True, timeout=300, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> tuple[float, float]:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 from pathlib import Path
 
+import torch
+
 RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def machine() -> str:
+    """The CPU model, core count and versions, for the header of every section."""
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def replace_section(heading: str, lines: list[str]) -> None:
