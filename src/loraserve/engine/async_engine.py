@@ -83,7 +83,7 @@ class AsyncEngine:
     async def _outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
         if request.adapter is not None:
             # Off the step loop: other requests keep decoding while this adapter is read or downloaded.
-            await asyncio.to_thread(self.engine.lora.prepare, request.adapter)
+            request.adapter_weights = await asyncio.to_thread(self.engine.lora.prepare, request.adapter)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._send("add", (request, stream))
         request_id = request.request_id

@@ -139,8 +139,8 @@ class Engine:
     def add(self, request: Request) -> None:
         """Queue a request made by `make_request`. Its adapter is read into host memory first if it is not there yet
         (its errors raise here; `AsyncEngine` has already done this off the loop); a slot is taken at admission."""
-        if request.adapter is not None:
-            self.lora.prepare(request.adapter)
+        if request.adapter is not None and request.adapter_weights is None:
+            request.adapter_weights = self.lora.prepare(request.adapter)
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             request.prompt_token_ids,
@@ -215,10 +215,11 @@ class Engine:
         """The scheduler's gate: True once the request holds a slot for its adapter (or needs none)."""
         if request.adapter is None or request.adapter_slot >= 0:
             return True
-        slot = self.lora.try_acquire(request.adapter)
+        slot = self.lora.try_acquire(request.adapter, request.adapter_weights)
         if slot is None:
             return False
         request.adapter_slot = slot
+        request.adapter_weights = None  # the slot holds a copy now
         return True
 
     def _release_adapter(self, request: Request) -> None:

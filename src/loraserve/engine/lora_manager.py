@@ -62,13 +62,13 @@ class LoRAManager:
                                    f"hold at most {self.max_rank} (--max-lora-rank)")
         return adapter
 
-    def try_acquire(self, ref: AdapterRef) -> int | None:
-        """The slot holding the adapter (copied in from the host tier if needed), or None while every slot is held by
-        requests in flight; the caller must `release` a slot it got."""
+    def try_acquire(self, ref: AdapterRef, weights: LoRAAdapter | None = None) -> int | None:
+        """The slot holding the adapter (copied in from `weights`, or from the host tier, if needed), or None while
+        every slot is held by requests in flight; the caller must `release` a slot it got."""
         key = f"{ref.source}:{ref.adapter_id}"
         slot = self._resident.get(key)
         if slot is None:
-            adapter = self._host_adapter(ref)
+            adapter = weights if weights is not None else self._host_adapter(ref)
             slot = self._free_slot()
             if slot is None:
                 return None

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from loraserve.adapters.merge import MergeSpec
+from loraserve.adapters.peft import LoRAAdapter
 from loraserve.sampling.grammar import GrammarState
 from loraserve.sampling.params import SamplingParams
 
@@ -74,6 +75,8 @@ class Request:
     adapter: AdapterRef | None = None
     adapter_slot: int = -1  # the LoRA slot the adapter occupies while the request is in flight; -1 = base model
     slot_wait_steps: int = 0  # steps the scheduler passed it over for want of a free LoRA slot
+    adapter_weights: LoRAAdapter | None = None  # its adapter, held from `add` until a slot takes it: the host LRU
+    # may drop its own reference meanwhile (a burst of cold adapters), and reloading then would stall the step loop
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
