@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
+import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 import uvicorn
@@ -45,12 +48,14 @@ class _ReadyGate:
         await self.app(scope, receive, send)
 
 
-def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfig) -> FastAPI:
+def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfig,
+              start_engine: Callable[[AsyncEngine], None] = AsyncEngine.start) -> FastAPI:
     """An app that answers at once and loads its engine in the background.
 
     Until the model is loaded, `/health` and every generation route answer 503 (LoRAX's behaviour while its shards
     load), so an orchestrator sees a live process that is not ready yet. A load failure is logged and ends the
-    process with status 1: a server that cannot serve should not linger.
+    process with status 1: a server that cannot serve should not linger. `start_engine` starts the loaded engine's
+    step loop and returns once it runs.
     """
 
     def load() -> None:
@@ -60,7 +65,7 @@ def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfi
             logger.exception("loading the model failed")
             os._exit(1)
         app.state.metrics = Metrics(engine)
-        engine.start()
+        start_engine(engine)
         app.state.engine = engine
 
     @contextlib.asynccontextmanager
@@ -87,6 +92,45 @@ def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfi
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    """Serve at once; the model loads in the background (503 until it is ready), then serve until interrupted."""
-    app = build_app(lambda: AsyncEngine(Engine.from_config(engine_config)), server_config)
-    uvicorn.run(app, host=server_config.hostname, port=server_config.port, log_level="info")
+    """Serve at once; the model loads in the background (503 until it is ready), then serve until interrupted.
+
+    uvicorn runs in a thread and the engine's step loop on the main thread, where oneDNN's matmuls run fastest (see
+    `AsyncEngine.run`). SIGINT and SIGTERM stop both.
+    """
+    handoff: queue.Queue[AsyncEngine] = queue.Queue()
+
+    def hand_to_main_thread(engine: AsyncEngine) -> None:
+        handoff.put(engine)
+        while not engine.is_running and not stopping.is_set():
+            time.sleep(0.001)
+
+    app = build_app(lambda: AsyncEngine(Engine.from_config(engine_config)), server_config, hand_to_main_thread)
+    server = uvicorn.Server(uvicorn.Config(app, host=server_config.hostname, port=server_config.port,
+                                           log_level="info"))
+    stopping = threading.Event()
+
+    def stop(*_: object) -> None:
+        stopping.set()
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    web = threading.Thread(target=server.run, name="loraserve-http")
+    web.start()
+    while not stopping.is_set() and web.is_alive():
+        try:
+            engine = handoff.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        threading.Thread(target=_stop_engine_when, args=(stopping, web, engine), daemon=True).start()
+        engine.run()
+        break
+    stop()
+    web.join()
+
+
+def _stop_engine_when(stopping: threading.Event, web: threading.Thread, engine: AsyncEngine) -> None:
+    """End the main thread's step loop once a signal came or the HTTP server ended on its own."""
+    while not stopping.is_set() and web.is_alive():
+        time.sleep(0.2)
+    engine.shutdown()
