@@ -185,8 +185,8 @@ def write_results(args: argparse.Namespace, rows: list[tuple[str, float]], one_a
         *[f"| {name} | {value:.1f} | {value / base:.2f} |" for name, value in rows],
         "",
         f"- Rotation: {args.rotation_requests} requests arriving at once over {args.rotation} adapter ids, through "
-        "`AsyncEngine` with its step loop on the main thread (the server's path), each request's adapter cold (read from disk in a worker thread, "
-        f"validated, copied into a slot): {rotating:.1f} tok/s = "
+        "`AsyncEngine` with its step loop on the main thread (the server's path), each request's adapter cold "
+        f"(read from disk in a worker thread, validated, copied into a slot): {rotating:.1f} tok/s = "
         f"**{rotating / one_adapter:.2f}x** the one-adapter throughput ({one_adapter:.1f} tok/s).",
         f"- Cold load of one adapter from local disk into host memory: {cold_load_ms:.1f} ms (median of 3).",
         f"- Time to first token, one request on an idle engine: base model {base_ttft:.1f} ms; a never-seen adapter "
