@@ -12,13 +12,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib.resources import files
 from pathlib import Path
 
 import pytest
 from server_process import free_port, post_json, running_server
-from tiny_models import save_random_adapter, save_tiny_model, tiny_config
-from transformers import AutoTokenizer
+from tiny_models import save_random_adapter, save_tiny_chat_model
 
 from loraserve.client import (
     APIConnectionError,
@@ -41,10 +39,7 @@ GREEDY = dict(max_new_tokens=8, ignore_eos_token=True)
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("client")
-    base_dir = save_tiny_model(tiny_config("gemma3"), root / "base")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    tokenizer.chat_template = files("loraserve").joinpath("templates", "gemma3.jinja").read_text()
-    tokenizer.save_pretrained(base_dir)
+    base_dir = save_tiny_chat_model(root / "base")
     adapter = save_random_adapter(base_dir, root / "adapter", seed=3, r=4, lora_alpha=16,
                                   target_modules=["q_proj", "o_proj", "up_proj"])
     return base_dir, adapter

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from importlib.resources import files
 from pathlib import Path
 
 import openai
 import pytest
 from server_process import running_server
-from tiny_models import save_random_adapter, save_tiny_model, tiny_config
-from transformers import AutoTokenizer
+from tiny_models import save_random_adapter, save_tiny_chat_model
 
 from loraserve.config import EngineConfig
 from loraserve.engine.llm import LLM
@@ -24,10 +22,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("openai")
-    base_dir = save_tiny_model(tiny_config("gemma3"), root / "base")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    tokenizer.chat_template = files("loraserve").joinpath("templates", "gemma3.jinja").read_text()
-    tokenizer.save_pretrained(base_dir)
+    base_dir = save_tiny_chat_model(root / "base")
     save_random_adapter(base_dir, root / "adapter", seed=2, r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "gate_proj"])
     return base_dir, root / "adapter"
 

@@ -6,14 +6,12 @@ import json
 import re
 import urllib.request
 from collections.abc import Iterator
-from importlib.resources import files
 
 import jsonschema
 import openai
 import pytest
 from server_process import post_json, running_server
-from tiny_models import save_tiny_model, tiny_config
-from transformers import AutoTokenizer
+from tiny_models import save_tiny_chat_model
 
 SCHEMA = {
     "type": "object",
@@ -32,10 +30,7 @@ PATTERN = r"[A-Z]{2}-\d{3}"
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("grammar")
-    model = save_tiny_model(tiny_config("gemma3"), root / "model")
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    tokenizer.chat_template = files("loraserve").joinpath("templates", "gemma3.jinja").read_text()
-    tokenizer.save_pretrained(model)
+    model = save_tiny_chat_model(root / "model")
     with running_server(["--model-id", str(model), "--dtype", "float32", "--device", "cpu"], root / "server.log") as base:
         yield base
 

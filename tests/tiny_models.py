@@ -7,11 +7,12 @@ real tokenizers.
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
@@ -126,6 +127,15 @@ _ARCHITECTURE_CLASS = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 ARCHITECTURES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
+
+
+def save_tiny_chat_model(path: Path) -> Path:
+    """A tiny Gemma 3 whose tokenizer carries the chat template loraserve ships for Gemma 3 (chat routes need one)."""
+    save_tiny_model(tiny_config("gemma3"), path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = files("loraserve").joinpath("templates", "gemma3.jinja").read_text()
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def save_random_adapter(base_dir: Path, path: Path, seed: int, **lora_options: object) -> Path:
