@@ -30,7 +30,6 @@ DENSE_UNITS_PER_SEGMENT = 16384
 class LoRABatch:
     token_slots: torch.Tensor  # [T] int64: each token's slot, -1 = base model
     rows: torch.Tensor  # [n] int64: flat indices of the tokens that use an adapter, grouped by slot
-    row_slots: torch.Tensor  # [n] int64: the slot each of those tokens uses
     segments: list[tuple[int, int, int]]  # (slot, start, stop) over `rows`
     ranks: list[int]  # true rank per slot (0 = empty)
     slots_in_use: int  # 1 + the highest slot any token uses: the dense form reads slots [0, slots_in_use)
@@ -51,7 +50,6 @@ class LoRABatch:
         return cls(
             token_slots=torch.tensor(token_slots, dtype=torch.int64, device=device),
             rows=torch.tensor([i for _, i in order], dtype=torch.int64, device=device),
-            row_slots=torch.tensor([s for s, _ in order], dtype=torch.int64, device=device),
             segments=segments,
             ranks=ranks,
             slots_in_use=order[-1][0] + 1,
@@ -103,7 +101,7 @@ def segmented_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: Lo
 def reference_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
     """One token at a time, straight from the definition: the delta rows `[n, out]` for `batch.rows`."""
     rows = []
-    for row, slot in zip(batch.rows.tolist(), batch.row_slots.tolist()):
+    for row, slot in zip(batch.rows.tolist(), batch.token_slots[batch.rows].tolist()):
         rank = batch.ranks[slot]
         rows.append(b[:, slot, :rank] @ (a[slot, :rank] @ x[row]))
     return torch.stack(rows)
