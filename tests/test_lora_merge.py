@@ -102,7 +102,7 @@ def test_generation_with_a_merge_equals_peft(fleet: tuple[Path, dict[str, Path]]
             out = peft_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         assert results[index].token_ids == out[0, ids.shape[1]:].tolist()
     assert results[3].token_ids != results[2].token_ids  # the merge really changes the base model's output
-    assert len(llm.engine.lora.host.keys()) == 4  # a, b, c and one merge, shared by both merged requests
+    assert len(llm.engine.lora.host.entries()) == 4  # a, b, c and one merge, shared by both merged requests
 
 
 def _pad_adapter(source: Path, target: Path, rank: int) -> Path:

@@ -49,12 +49,8 @@ class HostAdapterCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def keys(self) -> list[str]:
-        """`source:adapter_id` of every adapter in memory, least recently used first."""
-        with self._lock:
-            return list(self._entries)
-
     def entries(self) -> list[tuple[str, LoRAAdapter]]:
+        """(`source:adapter_id`, adapter) of every adapter in memory, least recently used first."""
         with self._lock:
             return list(self._entries.items())
 
