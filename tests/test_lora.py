@@ -35,6 +35,7 @@ ADAPTERS = {
     "r6-patterns": dict(r=6, lora_alpha=12, target_modules=["o_proj", "down_proj", "k_proj"],
                         rank_pattern={"down_proj": 3}, alpha_pattern={"k_proj": 30}),
     "r12-attn": dict(r=12, lora_alpha=24, target_modules=ATTENTION),
+    "r4-vocab": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"]),  # no projection
 }
 PROMPTS = ["The quick brown fox", "Paris is the capital", "def add(a, b):", "Once upon a time there",
            '{"name": "lora', "Straße, café"]
@@ -63,6 +64,7 @@ def peft_reference(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[in
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
+    model.generation_config.eos_token_id = None  # like ignore_eos: random tiny models may emit EOS early
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
@@ -75,7 +77,7 @@ def test_mixed_batch_equals_peft_per_adapter(setup: tuple[Path, dict[str, Path]]
     base_dir, adapters = setup
     llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu", max_active_adapters=8,
                            max_lora_rank=16, max_batch_prefill_tokens=32))
-    names = list(adapters) + [None, None, "r8-all", "r2-qv"]  # 10 requests: 6 adapters, 2 repeated, 2 base rows
+    names = list(adapters) + [None, None, "r8-all", "r4-vocab"]  # 11 requests: 7 adapters, 2 repeated, 2 base rows
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     refs = [AdapterRef(str(adapters[n]), source="local") if n else None for n in names]
     results = llm.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True), refs)
@@ -87,7 +89,7 @@ def test_mixed_batch_equals_peft_per_adapter(setup: tuple[Path, dict[str, Path]]
     # not vacuous: the adapters really change the output of the base model
     base = llm.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
     changed = [n for n, r, b in zip(names, results, base) if n and r.token_ids != b.token_ids]
-    assert len(set(changed)) >= 5, changed
+    assert len(set(changed)) >= 6 and "r4-vocab" in changed, changed
 
 
 def test_lora_kernels_agree_with_the_reference_loop() -> None:
@@ -162,6 +164,26 @@ def test_bad_adapters_fail_only_their_own_requests(setup: tuple[Path, dict[str, 
     assert isinstance(wrong, AdapterLoadError) and "wrong base model" in str(wrong)
     assert isinstance(missing, AdapterNotFound)
     assert isinstance(broken, AdapterLoadError) and "cannot read" in str(broken)
+
+
+def test_an_adapter_for_a_resized_vocabulary_names_the_mismatch(setup: tuple[Path, dict[str, Path]],
+                                                                tmp_path: Path) -> None:
+    """PEFT saves its frozen copy of a targeted embedding; a copy with more rows means another tokenizer."""
+    base_dir, adapters = setup
+    resized = tmp_path / "resized"
+    resized.mkdir()
+    (resized / "adapter_config.json").write_text((adapters["r4-vocab"] / "adapter_config.json").read_text())
+    tensors = load_file(adapters["r4-vocab"] / "adapter_model.safetensors")
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in tensors  # the layout this test relies on
+    tensors[key] = torch.cat([tensors[key], tensors[key][:8]])
+    save_file(tensors, resized / "adapter_model.safetensors")
+    llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu"))
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    with pytest.raises(AdapterLoadError, match="resized vocabulary"):
+        llm.generate(["Paris is"], params, [AdapterRef(str(resized), "local")])
+    original = llm.generate(["Paris is"], params, [AdapterRef(str(adapters["r4-vocab"]), "local")])
+    assert len(original[0].token_ids) == 2
 
 
 def test_adapter_from_s3_equals_the_local_copy(setup: tuple[Path, dict[str, Path]], tmp_path: Path,

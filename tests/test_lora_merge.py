@@ -31,7 +31,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pat
     adapters = {
         "a": save_random_adapter(base, root / "a", 1, r=8, lora_alpha=16, target_modules=ALL),
         "b": save_random_adapter(base, root / "b", 2, r=8, lora_alpha=4, target_modules=["q_proj", "v_proj",
-                                                                                          "down_proj"]),
+                                                                                          "down_proj", "lm_head"]),
         "c": save_random_adapter(base, root / "c", 3, r=8, lora_alpha=8, target_modules=ALL, use_rslora=True),
         "r4": save_random_adapter(base, root / "r4", 4, r=4, lora_alpha=12, target_modules=["q_proj", "up_proj"]),
     }
@@ -41,7 +41,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pat
 def _projections(base: Path) -> dict[str, tuple[int, int]]:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+            if isinstance(m, torch.nn.Linear)}
 
 
 def _ours(base: Path, adapters: dict[str, Path], spec: MergeSpec) -> LoRAAdapter:

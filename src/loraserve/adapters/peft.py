@@ -2,8 +2,13 @@
 
 The scale (alpha / r, or alpha / sqrt(r) with rsLoRA; per-module ranks and alphas from `rank_pattern` and
 `alpha_pattern`) is folded into B once at load, since (x A^T) (s B)^T = s (x A^T) B^T: the hot path never multiplies by
-it. Features we do not serve (DoRA, LoRA biases, embedding LoRA, fan_in_fan_out) are refused by name rather than
+it. Features we do not serve (DoRA, LoRA biases, fan_in_fan_out, modules_to_save) are refused by name rather than
 silently ignored.
+
+Embedding LoRA (`lora_embedding_A` `[r, vocab]`, `lora_embedding_B` `[hidden, r]`) is the same product with the
+one-hot token as input, so it is kept as a module with in = vocab and out = hidden. PEFT also saves a copy of each
+targeted embedding-sized layer's frozen base weight (`base_layer.weight`, `save_embedding_layers`); that copy is
+the base model's own table, so it is checked for shape and dropped rather than held in memory per adapter.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from safetensors.torch import load_file
 from loraserve.errors import AdapterLoadError, AdapterNotFound
 
 _PREFIX = "base_model.model."
-_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight")
+# `<module>.lora_A.weight` (or `.lora_A.<adapter name>.weight`) and `<module>.lora_embedding_A` (`...A.<name>`)
+_KEY = re.compile(
+    r"(?P<module>.+)\.lora_(?:(?P<part>[AB])(?:\.[^.]+)?\.weight|embedding_(?P<embedding_part>[AB])(?:\.[^.]+)?)"
+)
+_BASE_COPY = re.compile(r"(?P<module>.+)\.base_layer\.weight")
 
 
 @dataclass
@@ -76,12 +85,18 @@ def load_peft_adapter(
         raise AdapterLoadError(f"adapter {name!r} is a {config.get('peft_type')} adapter, not LoRA")
     tensors = _read_tensors(path, name)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    base_copies: dict[str, torch.Size] = {}
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key.removeprefix(_PREFIX))
-        if match is None:
-            raise AdapterLoadError(f"adapter {name!r}: tensor {key!r} is not a LoRA A/B weight (embedding LoRA and "
-                                   "modules_to_save are not served)")
-        pairs.setdefault(match["module"], {})[match["part"]] = tensor
+        if match is not None:
+            pairs.setdefault(match["module"], {})[match["part"] or match["embedding_part"]] = tensor
+        elif (copy := _BASE_COPY.fullmatch(key.removeprefix(_PREFIX))) is not None:
+            base_copies[copy["module"]] = tensor.shape
+        else:
+            raise AdapterLoadError(f"adapter {name!r}: tensor {key!r} is not a LoRA A/B weight (modules_to_save "
+                                   "are not served)")
+    for module, shape in base_copies.items():
+        _check_base_copy(name, module, shape, projections)
     modules = {}
     for module, pair in sorted(pairs.items()):
         modules[module] = _module(name, module, pair, config, projections, dtype)
@@ -105,6 +120,19 @@ def _chat_template(path: Path) -> str | None:
     if isinstance(template, list):
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     return template if isinstance(template, str) else None
+
+
+def _check_base_copy(name: str, module: str, shape: torch.Size, projections: dict[str, tuple[int, int]]) -> None:
+    """The saved base weight must have the base model's shape, as a Linear `[out, in]` or an Embedding
+    `[vocab, hidden]`: a resized vocabulary means the adapter belongs to another tokenizer."""
+    if module not in projections:
+        raise AdapterLoadError(f"adapter {name!r} carries a base weight for {module!r}, which the base model has no "
+                               "LoRA-capable layer for (wrong base model?)")
+    in_features, out_features = projections[module]
+    if tuple(shape) not in ((out_features, in_features), (in_features, out_features)):
+        raise AdapterLoadError(f"adapter {name!r}: its copy of {module}.weight has shape {tuple(shape)}, the base "
+                               f"model's is ({out_features}, {in_features}) (a resized vocabulary or another base "
+                               "model)")
 
 
 def _read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:

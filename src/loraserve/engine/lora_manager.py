@@ -9,6 +9,7 @@ the step loop only copies tensors into a slot (between steps: a forward never re
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,18 @@ from loraserve.adapters.peft import LoRAAdapter
 from loraserve.adapters.sources import cached_on_disk
 from loraserve.engine.request import AdapterRef
 from loraserve.errors import AdapterInUse, AdapterLoadError
+from loraserve.layers.embedding import VocabEmbedding
 from loraserve.layers.linear import Linear
-from loraserve.layers.lora import LoRASlots
+from loraserve.layers.lora import EmbeddingLoRASlots, LoRASlots, OutputLoRASlots
+
+logger = logging.getLogger(__name__)
+
+
+def _features(layer: Linear | VocabEmbedding) -> tuple[int, int]:
+    """(in, out) of the product an adapter's A and B apply: an embedding's input is the one-hot token."""
+    if isinstance(layer, VocabEmbedding):
+        return layer.num_embeddings, layer.embedding_dim
+    return layer.in_features, layer.out_features
 
 
 @dataclass(frozen=True)
@@ -40,11 +51,20 @@ class LoRAManager:
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, cache_dir: Path, s3_endpoint_url: str | None = None,
                  host_bytes: int = 1 << 30) -> None:
-        # Every projection inside the decoder layers takes LoRA; the lm_head's slots would cost vocab x rank each.
-        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear) and name != "lm_head"}
-        for layer in self.layers.values():
-            layer.lora = LoRASlots(layer.in_features, layer.out_features, num_slots, max_rank, dtype, device)
-        projections = {name: (m.in_features, m.out_features) for name, m in self.layers.items()}
+        # Every projection inside the decoder layers gets its slots now. The lm_head's and the embedding's cost
+        # vocab x rank per slot (268 MB each for Gemma 3's 262k vocabulary at 32 slots of rank 16 in bf16), so they
+        # are allocated when the first adapter targeting them is written into a slot.
+        self.layers: dict[str, Linear | VocabEmbedding] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, Linear):
+                self.layers[name] = module
+                if name != "lm_head":
+                    module.lora = LoRASlots(module.in_features, module.out_features, num_slots, max_rank, dtype,
+                                            device)
+            elif isinstance(module, VocabEmbedding):
+                self.layers[name] = module
+        self._slot_args = (num_slots, max_rank, dtype, device)
+        projections = {name: _features(m) for name, m in self.layers.items()}
         self.host = HostAdapterCache(projections, dtype, cache_dir, s3_endpoint_url, host_bytes)
         self.max_rank = max_rank
         self.ranks = [0] * num_slots  # the largest rank held by each slot (0 = empty)
@@ -123,6 +143,13 @@ class LoRAManager:
             return self.host.get_merged(ref.merge, ref.source, ref.token)
         return self.host.get(ref.adapter_id, ref.source, ref.token)
 
+    def _vocabulary_slots(self, name: str, layer: Linear | VocabEmbedding) -> OutputLoRASlots | EmbeddingLoRASlots:
+        in_features, out_features = _features(layer)
+        kind = EmbeddingLoRASlots if isinstance(layer, VocabEmbedding) else OutputLoRASlots
+        slots = kind(in_features, out_features, *self._slot_args)
+        logger.info("allocated LoRA slots for %s: %.0f MB", name, (slots.a.nbytes + slots.b.nbytes) / 2**20)
+        return slots
+
     def release(self, slot: int) -> None:
         self._users[slot] -= 1
 
@@ -141,9 +168,11 @@ class LoRAManager:
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         for name, layer in self.layers.items():
             module = adapter.modules.get(name)
-            if module is None:
-                layer.lora.clear_slot(slot)
-            else:
+            if module is not None:
+                if layer.lora is None:
+                    layer.lora = self._vocabulary_slots(name, layer)
                 layer.lora.set_slot(slot, module.a, module.b)
+            elif layer.lora is not None:
+                layer.lora.clear_slot(slot)
         self.ranks[slot] = adapter.max_rank
         self.slot_loads += 1

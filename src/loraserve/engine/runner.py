@@ -6,7 +6,7 @@ import torch
 
 from loraserve.engine.contracts import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
 from loraserve.engine.input_batch import SequenceChunk, build_step_inputs
-from loraserve.layers.context import forward_context
+from loraserve.layers.context import ForwardContext, forward_context
 from loraserve.layers.lora_ops import LoRABatch
 from loraserve.models.base import CausalLM
 from loraserve.sampling.grammar import fill_bitmask
@@ -38,7 +38,8 @@ class ModelRunner:
         output = RunnerOutput()
         sampling = [i for i, chunk in enumerate(step.chunks) if chunk.completes_sequence]
         if sampling:
-            logits = self.model.compute_logits(hidden[inputs.last_token_index[sampling]])
+            row_slots = [step.chunks[i].request.adapter_slot for i in sampling]
+            logits = self._logits(hidden[inputs.last_token_index[sampling]], row_slots)
             rows = [self._sampling_row(step.chunks[i]) for i in sampling]
             allowed = fill_bitmask([step.chunks[i].request.grammar for i in sampling])
             result = self.sampler.sample(logits, rows, allowed)
@@ -52,6 +53,14 @@ class ModelRunner:
             if entries is not None:
                 output.prompt_logprobs[chunk.request.request_id] = entries
         return output
+
+    def _logits(self, hidden: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
+        """Logits of `hidden`'s rows in a context of their own: an lm_head LoRA reads the adapter slot of each row it
+        projects (one per sampled sequence), not of each token of the step."""
+        lora = LoRABatch.build(row_slots, self.lora_ranks, self.device) if self.lora_ranks is not None else None
+        context = ForwardContext(slot_mapping=torch.empty(0, dtype=torch.int64), attention_groups=[], lora=lora)
+        with forward_context(context):
+            return self.model.compute_logits(hidden)
 
     @staticmethod
     def _sequence_chunk(chunk: ScheduledChunk) -> SequenceChunk:
@@ -80,5 +89,5 @@ class ModelRunner:
         if top_n is None or request.num_preemptions or start >= prompt_len - 1:
             return None
         stop = min(start + chunk.num_tokens, prompt_len - 1)  # the last prompt position predicts an output token
-        logits = self.model.compute_logits(hidden[offset : offset + stop - start])
+        logits = self._logits(hidden[offset : offset + stop - start], [request.adapter_slot] * (stop - start))
         return prompt_logprobs(logits, request.prompt_token_ids[start + 1 : stop + 1], top_n)

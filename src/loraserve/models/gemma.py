@@ -16,6 +16,7 @@ from transformers.activations import ACT2FN
 
 from loraserve.errors import UnsupportedModel
 from loraserve.layers.attention import Attention
+from loraserve.layers.embedding import VocabEmbedding
 from loraserve.layers.linear import Linear
 from loraserve.layers.norm import RMSNorm
 from loraserve.layers.rotary import RotaryEmbedding
@@ -95,10 +96,7 @@ class GemmaModel(nn.Module):
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size),
-            _freeze=True,
-        )
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.embed_scale = config.hidden_size**0.5
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = _norm(config)

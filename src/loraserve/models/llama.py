@@ -25,6 +25,7 @@ from transformers.activations import ACT2FN
 
 from loraserve.errors import ModelLoadError
 from loraserve.layers.attention import Attention
+from loraserve.layers.embedding import VocabEmbedding
 from loraserve.layers.linear import Linear
 from loraserve.layers.norm import RMSNorm
 from loraserve.layers.rotary import RotaryEmbedding, apply_rotary
@@ -141,10 +142,7 @@ class DecoderModel(nn.Module):
         self, config: PretrainedConfig, layers: list[nn.Module], rotary: RotaryEmbedding | None = None
     ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size),
-            _freeze=True,
-        )
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = rotary if rotary is not None else RotaryEmbedding(config, head_dim_of(config))
