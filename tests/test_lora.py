@@ -92,6 +92,28 @@ def test_mixed_batch_equals_peft_per_adapter(setup: tuple[Path, dict[str, Path]]
     assert len(set(changed)) >= 6 and "r4-vocab" in changed, changed
 
 
+def test_fused_projections_take_lora_as_peft_applies_it(tmp_path: Path) -> None:
+    """Phi-3 stores q/k/v and gate/up fused (`qkv_proj`, `gate_up_proj`); PEFT targets the fused modules as they are."""
+    base_dir = save_tiny_model(tiny_config("phi3"), tmp_path / "base")
+    targets = {"fused-attn": ["qkv_proj", "o_proj"], "fused-mlp": ["gate_up_proj", "down_proj"],
+               "fused-all": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"]}
+    adapters = {name: save_random_adapter(base_dir, tmp_path / name, seed, r=4 + 2 * seed, lora_alpha=8,
+                                          target_modules=modules)
+                for seed, (name, modules) in enumerate(targets.items())}
+    llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu", max_lora_rank=8))
+    names = [*adapters, None]
+    prompts = PROMPTS[: len(names)]
+    refs = [AdapterRef(str(adapters[n]), source="local") if n else None for n in names]
+    results = llm.generate(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True), refs)
+    base = llm.generate(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    for name, prompt, result, plain in zip(names, prompts, results, base):
+        tokens, logprobs = peft_reference(base_dir, adapters[name] if name else None,
+                                          llm.engine.tokenizer.encode(prompt), 6)
+        assert result.token_ids == tokens, name
+        assert [t.logprob for t in result.tokens] == pytest.approx(logprobs, abs=1e-4), name
+        assert name is None or result.token_ids != plain.token_ids, name  # the adapter matters
+
+
 def test_lora_kernels_agree_with_the_reference_loop() -> None:
     torch.manual_seed(0)
     slots, r_max, d_in, d_out = 6, 8, 24, 40
