@@ -5,6 +5,8 @@ the linear layers' weights (decoder projections and lm_head apart), RSS after lo
 perplexity pass, decode tokens/s at 1 and 32 concurrent requests, perplexity on benchmarks/data/perplexity.txt
 (512-token windows) and greedy agreement with fp32 on a few prompts. Variants: the lm_head (a separate copy
 beside the tied embedding) in bf16, int8 (the default under quantization) or int4, and int4 group sizes 32/64/128.
+Under int4 the GGUF's Q4_K tensors are taken as they are and the k/v projections get int8 (engine/loading.py); the
+group sweep instead requantizes every decoder linear from the fp32 model's floats.
 Prints a markdown section and puts it in benchmarks/RESULTS.md in place of the previous run's.
 
     .venv/bin/python benchmarks/quantization.py
@@ -173,10 +175,11 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> tuple[floa
 def table(results: dict[str, dict]) -> list[str]:
     bf16, fp32 = results["bf16"]["base"], results["fp32"]["base"]
     rows = [("fp32", "fp32", "base"), ("bf16", "bf16", "base"), ("int8 (lm_head int8)", "int8", "base"),
-            ("int8, lm_head bf16", "int8", "lm_head float"), (f"int4 g{INT4_GROUP} (lm_head int8)", "int4", "base"),
-            (f"int4 g{INT4_GROUP}, lm_head bf16", "int4", "lm_head float"),
-            (f"int4 g{INT4_GROUP}, lm_head int4", "int4", "lm_head int4"),
-            *((f"int4 {g} (fp32 model, untimed)", GROUP_SWEEP, g) for g in ("g32", "g64", "g128"))]
+            ("int8, lm_head bf16", "int8", "lm_head float"),
+            (f"int4 g{INT4_GROUP}, k/v int8 (lm_head int8)", "int4", "base"),
+            (f"int4 g{INT4_GROUP}, k/v int8, lm_head bf16", "int4", "lm_head float"),
+            (f"int4 g{INT4_GROUP}, k/v int8, lm_head int4", "int4", "lm_head int4"),
+            *((f"int4 {g}, all requantized (fp32 model, untimed)", GROUP_SWEEP, g) for g in ("g32", "g64", "g128"))]
     lines = ["| config | decoder linears MB | x bf16 | lm_head MB | RSS after load MB | peak RSS MB | decode tok/s "
              "b=1 | x bf16 | decode tok/s b=32 | x bf16 | perplexity | vs bf16 | vs fp32 | greedy = fp32 "
              "(prefix / positions) |", "|" + "---|" * 14]
@@ -246,6 +249,9 @@ def main() -> None:
         "packed); lm_head = the tied 262k x 640 head's own copy (packed bf16 or quantized), beside the embedding "
         "table. RSS after load is the steady state; the peak is set while loading the GGUF (float weights before "
         "quantization).",
+        "- int4: the GGUF's Q4_K tensors (every o_proj, half the down_proj) keep their own codes, k/v projections "
+        "are requantized to int8, the rest to int4 (min-max, then least-squares steps); the group sweep requantizes "
+        "every decoder linear to int4.",
         "",
         *table(results),
         "",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,9 +20,13 @@ from tiny_models import save_random_adapter, save_tiny_model, tiny_config
 from loraserve.cli import build_parser
 from loraserve.config import EngineConfig
 from loraserve.engine.llm import LLM
+from loraserve.engine.loading import load
 from loraserve.engine.request import AdapterRef
 from loraserve.layers.linear import Linear
+from loraserve.models import gguf as gguf_loader
+from loraserve.models.default_model import default_model_path
 from loraserve.quant import quantize
+from loraserve.quant.ggml import ggml_int4_codes, int4_from_ggml
 from loraserve.quant.int4 import Int4Weight, dequantize_codes, int4_codes
 from loraserve.quant.int8 import KERNEL_MAX_ROWS, Int8Weight
 from loraserve.sampling.params import SamplingParams
@@ -182,3 +188,101 @@ def test_lora_on_a_quantized_base_adds_the_float_delta(gemma_dir: Path, tmp_path
 
 def _is_decoder_projection(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
+def test_int4_refinement_never_loses_to_min_max() -> None:
+    """Each group's least-squares steps are kept only when they lower its error, so no group ends worse than the
+    min-max grid they start from, and on heavy-tailed weights the total is clearly lower."""
+    torch.manual_seed(2)
+    weight = torch.distributions.StudentT(3.0).sample((64, 256)) * 0.02
+    groups = weight.reshape(64, 8, 32)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).to(torch.bfloat16)
+    zeros = (low + 8 * scales.float()).to(torch.bfloat16)
+    origin = (zeros.float() - 8 * scales.float())[..., None]
+    min_max = (torch.round((groups - origin) / scales.float()[..., None]).clamp(0, 15) * scales.float()[..., None]
+               + origin - groups).square().sum(dim=-1)
+    refined = (dequantize_codes(*int4_codes(weight, 32)) - weight).reshape(64, 8, 32).square().sum(dim=-1)
+    assert (refined <= min_max * (1 + 1e-6)).all()
+    assert refined.sum() < 0.9 * min_max.sum()
+
+
+# ---------------------------------------------------------------------------------------------------- GGUF 4-bit
+
+BF16_UNIT = 2.0**-8  # bf16 round-to-nearest: |x - bf16(x)| <= 2^-8 |x|
+# Q4_K tensors of the default model's file (every o_proj is Q4_K, and half the down_projs)
+DEFAULT_MODEL_Q4_K = ("blk.0.attn_output.weight", "blk.3.ffn_down.weight")
+
+
+def from_codes_bound(scales: np.ndarray, zeros: np.ndarray, group: int = 32) -> np.ndarray:
+    """`Int4Weight.from_codes`' stated bound per weight, 2^-8 (8 |scale| + |zero|), with a float32-sized slack for the
+    float64 -> float32 -> bf16 double rounding."""
+    bound = BF16_UNIT * (1 + 2.0**-16) * (8 * np.abs(scales) + np.abs(zeros))
+    return np.repeat(bound, group, axis=1)
+
+
+def check_ggml_int4(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, int]) -> None:
+    """Codes, scales and zeros read from the blocks give gguf's own dequantization exactly; the packed weight is
+    within the bf16 bound of it (plus the bf16 rounding of the kernel's output that `dequantize` goes through)."""
+    expected = gguf.quants.dequantize(data, qtype).reshape(shape).astype(np.float64)
+    codes, scales, zeros = ggml_int4_codes(data, qtype, shape)
+    exact = dequantize_codes(*(torch.from_numpy(a) for a in (codes, scales, zeros)), dtype=torch.float64).numpy()
+    np.testing.assert_allclose(exact, expected, rtol=1e-6, atol=1e-9)  # gguf computes in float32
+    bound = from_codes_bound(scales, zeros)
+    weight = int4_from_ggml(data, qtype, shape, torch.device("cpu"))
+    assert weight.packed_for_kernel == (shape[0] % 16 == 0)
+    output_rounding = BF16_UNIT * np.abs(expected) if weight.packed_for_kernel else 0
+    error = np.abs(weight.dequantize().double().numpy() - expected)
+    assert (error <= bound + output_rounding + 1e-9).all(), (error - bound - output_rounding).max()
+    assert error.max() > 0  # the bf16 rounding is real, so the bound is what is tested
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1])
+@pytest.mark.parametrize("rows", [64, 40])  # kernel layout; plain nibbles (40 % 16 != 0)
+def test_gguf_q4_0_and_q4_1_blocks_map_onto_int4(qtype: gguf.GGMLQuantizationType, rows: int) -> None:
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((rows, 256)) * 0.05 + rng.standard_normal((rows, 1)) * 0.02).astype(np.float32)
+    check_ggml_int4(gguf.quants.quantize(weight, qtype), qtype, (rows, 256))
+
+
+@pytest.fixture(scope="module")
+def default_gguf() -> gguf.GGUFReader:
+    return gguf.GGUFReader(default_model_path(EngineConfig().cache_dir))
+
+
+def test_gguf_q4_k_blocks_of_the_default_model_map_onto_int4(default_gguf: gguf.GGUFReader) -> None:
+    tensors = {t.name: t for t in default_gguf.tensors}
+    for name in DEFAULT_MODEL_Q4_K:
+        tensor = tensors[name]
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_K
+        check_ggml_int4(tensor.data, tensor.tensor_type, (int(tensor.shape[1]), int(tensor.shape[0])))
+    q5_0 = tensors["blk.0.attn_q.weight"]
+    with pytest.raises(ValueError, match="not a 4-bit block format"):
+        ggml_int4_codes(q5_0.data, q5_0.tensor_type, (int(q5_0.shape[1]), int(q5_0.shape[0])))
+
+
+def test_int4_load_of_the_default_model_keeps_the_files_4_bit_codes(default_gguf: gguf.GGUFReader) -> None:
+    """Under --quantize int4 every Q4_K layer holds the file's codes and bf16-rounded scales and zeros, bit for bit
+    (a requantization from float would pick its own scales and zeros), with no float weight left; the others are
+    requantized from float: k and v projections (none Q4_K in this file) to int8, see engine/loading.py."""
+    model = load(EngineConfig(quantize="int4")).model
+    _, arch = gguf_loader.gguf_architecture(default_gguf)
+    direct = 0
+    for tensor in default_gguf.tensors:
+        name = gguf_loader.hf_tensor_name(tensor.name, arch).removesuffix(".weight")
+        module = model.get_submodule(name) if name.startswith("model.layers.") else None
+        if not isinstance(module, Linear):
+            continue
+        expected_format = Int8Weight if name.endswith(("k_proj", "v_proj")) else Int4Weight
+        assert module.weight is None and isinstance(module.quantized, expected_format), name
+        if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_K:
+            continue
+        shape = (int(tensor.shape[1]), int(tensor.shape[0]))
+        _, scales, zeros = ggml_int4_codes(tensor.data, tensor.tensor_type, shape)
+        expected = torch.stack([torch.from_numpy(scales), torch.from_numpy(zeros)], dim=-1).to(torch.bfloat16)
+        assert torch.equal(module.quantized.scales_and_zeros, expected.transpose(0, 1)), name
+        expected_weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float64)
+        error = np.abs(module.quantized.dequantize().double().numpy() - expected_weight)
+        assert (error <= from_codes_bound(scales, zeros) + BF16_UNIT * np.abs(expected_weight) + 1e-9).all(), name
+        direct += 1
+    assert direct == 27  # 18 o_proj + 9 down_proj

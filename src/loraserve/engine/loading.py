@@ -6,6 +6,7 @@ One place decides the source (default model, .gguf file, HF folder or Hub id), t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,27 @@ logger = logging.getLogger(__name__)
 
 # Under --quantize the lm_head gets a separate int8 copy (a tied head keeps the embedding's float table beside it).
 # Measured on Gemma 3 270M (262k x 640 head, 1 thread, shared 2-core machine, three runs, int8 decoder; see
-# benchmarks/results/quantization.md): against the packed bf16 copy it halves the head's bytes (335 -> 168 MB),
-# leaves perplexity unchanged, decodes one stream 5-50% faster and 32 streams 14-36% slower (the weight-only kernel
-# re-reads the weight per row). Memory is what --quantize is for, so int8. int4 for the head: +6% perplexity.
+# benchmarks/RESULTS.md, "Weight-only quantization"): against the packed bf16 copy it halves the head's bytes (335 ->
+# 168 MB), leaves perplexity unchanged, decodes one stream 5-50% faster and 32 streams 14-36% slower (the weight-only
+# kernel re-reads the weight per row). Memory is what --quantize is for, so int8. int4 for the head: +6% perplexity.
 _LM_HEAD_FORMAT = "int8"
+
+
+# Under --quantize int4, these projections are requantized to int8 instead, as llama.cpp's Q4_K_M gives attn_v more
+# bits. On Gemma 3 270M (default model, bf16, benchmarks/data/perplexity.txt) they hold 6% of the decoder weights and
+# cost half of int4's loss: perplexity +15.6% over bf16 with them in int4, +7.0% in int8, for 0.324x the bf16 decoder
+# bytes instead of 0.313x. (int8 also for the down projections of the 9 blocks llama.cpp gives more bits: +5.1%, 0.346x;
+# not taken, --quantize int4 is for memory.)
+_INT8_UNDER_INT4 = ("k_proj", "v_proj")
+
+
+def _requantized_format(fmt: str, name: str) -> str:
+    """The format the float linear `name` is quantized to under --quantize `fmt`."""
+    if name == "lm_head":
+        return _LM_HEAD_FORMAT
+    if fmt == "int4" and name.rpartition(".")[2] in _INT8_UNDER_INT4:
+        return "int8"
+    return fmt
 
 
 @dataclass
@@ -38,25 +56,26 @@ class LoadedModel:
 
 
 def load(config: EngineConfig) -> LoadedModel:
-    loaded = _load(config)
-    if config.quantize is not None:
-        fmt = config.quantize
-        counts = quantize_linear_weights(loaded.model, lambda name: _LM_HEAD_FORMAT if name == "lm_head" else fmt)
+    fmt = config.quantize
+    # under int4, a GGUF file's 4-bit blocks arrive as int4 already, exactly, whatever `_requantized_format` says
+    loaded = _load(config, lambda name: fmt == "int4" and name != "lm_head")
+    if fmt is not None:
+        counts = quantize_linear_weights(loaded.model, lambda name: _requantized_format(fmt, name))
         logger.info("quantized linear layers (lm_head to %s): %s", _LM_HEAD_FORMAT, counts)
     if cpu_packing_applies(config.torch_dtype(), config.torch_device()):
         logger.info("packed %d linear layers into oneDNN's bf16 layout", pack_linear_weights(loaded.model))
     return loaded
 
 
-def _load(config: EngineConfig) -> LoadedModel:
+def _load(config: EngineConfig, takes_int4: Callable[[str], bool]) -> LoadedModel:
     dtype, device = config.torch_dtype(), config.torch_device()
     model_id = config.model_id
     if model_id is None:
         path = default_model_path(config.cache_dir)
         logger.info("loading the default model %s from %s", DEFAULT_MODEL_NAME, path)
-        return _load_gguf(path, DEFAULT_MODEL_NAME, config)
+        return _load_gguf(path, DEFAULT_MODEL_NAME, config, takes_int4)
     if model_id.endswith(".gguf"):
-        return _load_gguf(Path(model_id), model_id, config)
+        return _load_gguf(Path(model_id), model_id, config, takes_int4)
     model_dir = resolve_model_dir(model_id, revision=config.revision, token=config.hf_token,
                                   cache_dir=str(config.cache_dir / "hub"))
     model = load_model(model_dir, dtype, device)
@@ -64,8 +83,8 @@ def _load(config: EngineConfig) -> LoadedModel:
     return LoadedModel(model, tokenizer, _eos_ids(model_dir, model, tokenizer), model_id, _max_len(model))
 
 
-def _load_gguf(path: Path, name: str, config: EngineConfig) -> LoadedModel:
-    loaded = load_gguf(path, config.torch_dtype(), config.torch_device(), config.cache_dir / "tokenizers")
+def _load_gguf(path: Path, name: str, config: EngineConfig, takes_int4: Callable[[str], bool]) -> LoadedModel:
+    loaded = load_gguf(path, config.torch_dtype(), config.torch_device(), config.cache_dir / "tokenizers", takes_int4)
     return LoadedModel(loaded.model, loaded.tokenizer, loaded.eos_token_ids, name, _max_len(loaded.model))
 
 

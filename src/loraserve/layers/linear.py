@@ -1,8 +1,8 @@
 """The projection every model file uses for the weights LoRA can target and quantization can replace.
 
 Model code only ever builds `Linear`; what a weight is stored as (float, oneDNN-packed bf16 or int8/int4) and whether a
-per-token adapter delta is added on top are decided outside the model, by `quantize` (at load) or attaching
-`lora`. Module names equal checkpoint names, so PEFT's `target_modules` address these layers directly.
+per-token adapter delta is added on top are decided outside the model, by `quantize` or `set_quantized` (at load)
+or attaching `lora`. Module names equal checkpoint names, so PEFT's `target_modules` address these layers directly.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.lora: LoRADelta | None = None
         self.packed_weight: torch.Tensor | None = None  # oneDNN blocked layout, see `pack_for_cpu`
-        self.quantized: QuantizedWeight | None = None  # int8/int4 in place of the float weight, see `quantize`
+        self.quantized: QuantizedWeight | None = None  # int8/int4 in place of the float weight
 
     def pack_for_cpu(self, release_plain: bool) -> None:
         """Reorder the weight once into oneDNN's blocked layout.
@@ -54,6 +54,16 @@ class Linear(nn.Module):
         self.packed_weight = None
         if release_plain:
             self.register_parameter("weight", None)
+
+    def set_quantized(self, weight: QuantizedWeight) -> None:
+        """Take a weight that arrived already quantized (a GGUF file's 4-bit blocks); the float parameter, never
+        filled, is dropped, so `load_weights` does not ask for it."""
+        if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
+            raise ValueError(f"a {weight.out_features}x{weight.in_features} weight does not fit a "
+                             f"{self.out_features}x{self.in_features} layer")
+        self.quantized = weight
+        self.packed_weight = None
+        self.register_parameter("weight", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
@@ -92,11 +102,12 @@ def pack_linear_weights(model: nn.Module) -> int:
 
 
 def quantize_linear_weights(model: nn.Module, format_of: Callable[[str], str | None]) -> dict[str, int]:
-    """Quantize each `Linear` of `model` to `format_of(its name)` (None: keep it float); returns counts per format."""
+    """Quantize each float `Linear` of `model` to `format_of(its name)` (None: keep it float); returns counts per
+    format. Layers that arrived quantized (`set_quantized`) are left as they are."""
     shared = _shared_parameters(model)
     counts: dict[str, int] = {}
     for name, linear in model.named_modules():
-        fmt = format_of(name) if isinstance(linear, Linear) else None
+        fmt = format_of(name) if isinstance(linear, Linear) and linear.quantized is None else None
         if fmt is not None:
             linear.quantize(fmt, release_plain=id(linear.weight) not in shared, name=name)
             counts[fmt] = counts.get(fmt, 0) + 1

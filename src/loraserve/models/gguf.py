@@ -1,4 +1,4 @@
-"""GGUF files -> our models: config from the metadata, llama.cpp tensor names -> HF names, dequantized weights.
+"""GGUF files -> our models: config from the metadata, llama.cpp tensor names -> HF names, weights.
 
 Everything mirrors transformers' own GGUF loader (`transformers/integrations/ggml.py`,
 `transformers/modeling_gguf_pytorch_utils.py`), so both read one file as the same model:
@@ -6,7 +6,8 @@ Everything mirrors transformers' own GGUF loader (`transformers/integrations/ggm
 - the config comes from the same metadata keys into the same config class (its defaults fill the rest: Gemma 3's
   sliding/global layer pattern, local rope base, `query_pre_attn_scalar`);
 - every tensor is dequantized by `gguf.quants.dequantize` to float32, corrected in float32, then cast to the model
-  dtype when copied into the parameter;
+  dtype when copied into the parameter; except that a linear layer to be quantized to int4 whose tensor is Q4_0,
+  Q4_1 or Q4_K takes the file's own codes (quant/ggml.py): no float copy, no second rounding;
 - llama.cpp's conversion transform is undone: Gemma stores every `*norm.weight` as `w + 1` (transformers'
   `Gemma2TensorProcessor` subtracts 1 for gemma2 and gemma3). Llama-arch files would also need their q/k rows
   un-permuted (transformers' `LlamaTensorProcessor`); that comes with the first llama-arch entry.
@@ -28,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -39,8 +40,10 @@ import torch
 from transformers import AutoTokenizer, Gemma3TextConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from loraserve.errors import ModelLoadError, UnsupportedModel
+from loraserve.layers.linear import Linear
 from loraserve.models.base import CausalLM
 from loraserve.models.loader import build_model
+from loraserve.quant.ggml import INT4_TYPES, int4_from_ggml
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +150,7 @@ def gguf_config(reader: gguf.GGUFReader) -> PretrainedConfig:
     return config
 
 
-def _hf_name(gguf_name: str, arch: GGUFArchitecture) -> str:
+def hf_tensor_name(gguf_name: str, arch: GGUFArchitecture) -> str:
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in arch.block_names:
         return f"model.layers.{parts[1]}.{arch.block_names[parts[2]]}.{parts[3]}"
@@ -156,32 +159,63 @@ def _hf_name(gguf_name: str, arch: GGUFArchitecture) -> str:
     raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no counterpart in the model")
 
 
-def gguf_tensors(reader: gguf.GGUFReader, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) for every tensor of the file, llama.cpp's transforms undone.
+def gguf_tensors(reader: gguf.GGUFReader, config: PretrainedConfig, skip: Collection[str] = ()
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) for every tensor of the file but those named in `skip`, llama.cpp's transforms
+    undone.
 
     GGUF lists dims innermost first; numpy (and torch's Linear.weight `[out, in]`) outermost first.
     """
     _, arch = gguf_architecture(reader)
     for tensor in reader.tensors:
+        if tensor.name in skip:
+            continue
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         values = values.reshape([int(d) for d in reversed(tensor.shape.tolist())])
         name = tensor.name
         if arch.norm_shift and name.endswith("norm.weight"):
             values = values - np.float32(arch.norm_shift)
-        yield _hf_name(name, arch), torch.from_numpy(np.ascontiguousarray(values))
+        yield hf_tensor_name(name, arch), torch.from_numpy(np.ascontiguousarray(values))
 
 
-def load_gguf_model(path: Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Our model for the file, weights dequantized and cast to `dtype` on `device`."""
+def load_gguf_model(path: Path, dtype: torch.dtype, device: torch.device,
+                    takes_int4: Callable[[str], bool] = lambda name: False) -> CausalLM:
+    """Our model for the file, float weights cast to `dtype` on `device`. The linear layers `takes_int4` names (by
+    module name) take a Q4_0/Q4_1/Q4_K tensor of the file as int4 codes directly."""
     started = time.perf_counter()
     reader = read_gguf(path)
     parsed = time.perf_counter()
     config = gguf_config(reader)
     model = build_model(config, dtype, device)
-    model.load_weights(gguf_tensors(reader, config))
-    logger.info("loaded %s in %.1f s (metadata %.1f s, weights %.1f s)", Path(path).name,
-                time.perf_counter() - started, parsed - started, time.perf_counter() - parsed)
+    taken = _take_int4_blocks(reader, model, takes_int4, device)
+    model.load_weights(gguf_tensors(reader, config, skip=taken))
+    logger.info("loaded %s in %.1f s (metadata %.1f s, weights %.1f s; %d int4 weights from the file's 4-bit blocks)",
+                Path(path).name, time.perf_counter() - started, parsed - started, time.perf_counter() - parsed,
+                len(taken))
     return model
+
+
+def _take_int4_blocks(reader: gguf.GGUFReader, model: CausalLM, takes_int4: Callable[[str], bool],
+                      device: torch.device) -> set[str]:
+    """Give each linear layer `takes_int4` names whose tensor is in a 4-bit block format its codes directly, before
+    `load_weights` (which then no longer expects that weight); returns the GGUF names taken."""
+    _, arch = gguf_architecture(reader)
+    modules = dict(model.named_modules())
+    taken = set()
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in INT4_TYPES:
+            continue
+        module_name, _, kind = hf_tensor_name(tensor.name, arch).rpartition(".")
+        linear = modules.get(module_name)
+        if kind != "weight" or not isinstance(linear, Linear) or not takes_int4(module_name):
+            continue
+        shape = (int(tensor.shape[1]), int(tensor.shape[0]))  # GGUF lists dims innermost first
+        if shape != (linear.out_features, linear.in_features):
+            raise ModelLoadError(f"{module_name}.weight: file shape {shape} != model shape "
+                                 f"{(linear.out_features, linear.in_features)}")
+        linear.set_quantized(int4_from_ggml(tensor.data, tensor.tensor_type, shape, device))
+        taken.add(tensor.name)
+    return taken
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
@@ -272,8 +306,10 @@ class GGUFModel:
     eos_token_ids: set[int]
 
 
-def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, tokenizer_cache: Path) -> GGUFModel:
-    """Model, tokenizer (cached in `tokenizer_cache`) and EOS ids of a GGUF file."""
-    model = load_gguf_model(path, dtype, device)
+def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, tokenizer_cache: Path,
+              takes_int4: Callable[[str], bool] = lambda name: False) -> GGUFModel:
+    """Model, tokenizer (cached in `tokenizer_cache`) and EOS ids of a GGUF file; `takes_int4` as in
+    `load_gguf_model`."""
+    model = load_gguf_model(path, dtype, device, takes_int4)
     tokenizer = gguf_tokenizer(path, tokenizer_cache)
     return GGUFModel(model, tokenizer, eos_token_ids(model.config, tokenizer))

@@ -13,9 +13,10 @@ from loraserve.quant.int8 import Int8Weight
 
 logger = logging.getLogger(__name__)
 
-# Chosen on Gemma 3 270M (benchmarks/results/quantization.md): the kernel runs as fast at 32, 64 or 128, and group 32
-# loses the least perplexity (fp32 25.8; g32 31.3, g64 35.4, g128 38.0) for 0.31x the bf16 bytes against 0.28x at 64.
-# It is also the kernel's smallest group, so a layer it does not divide falls back to int8.
+# Chosen on Gemma 3 270M (benchmarks/RESULTS.md, "Weight-only quantization"): the kernel runs as fast at 32, 64 or
+# 128, and group 32 loses the least perplexity (fp32 25.8; with the clip search int4.py used then: g32 31.3, g64 35.4,
+# g128 38.0) for 0.31x the bf16 bytes against 0.28x at 64. It is also the kernel's smallest group, so a layer it does
+# not divide falls back to int8.
 INT4_GROUP = 32
 
 
