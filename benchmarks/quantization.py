@@ -4,7 +4,8 @@ Each configuration runs in its own subprocess, so its peak RSS (ru_maxrss) is it
 the linear layers' weights (decoder projections and lm_head apart), RSS after load and peak RSS before the
 perplexity pass, decode tokens/s at 1 and 32 concurrent requests, perplexity on benchmarks/data/perplexity.txt
 (512-token windows) and greedy agreement with fp32 on a few prompts. Variants: the lm_head (a separate copy
-beside the tied embedding) in bf16, int8 (the default under quantization) or int4, and int4 group sizes 32/64/128.
+beside the tied embedding) in bf16, int8 weights with per-token int8 activations ("w8a8", the default under
+quantization), weight-only int8 or int4, and int4 group sizes 32/64/128.
 Under int4 the GGUF's Q4_K tensors are taken as they are and the k/v projections get int8 (engine/loading.py); the
 group sweep instead requantizes every decoder linear from the fp32 model's floats.
 Prints a markdown section and puts it in benchmarks/RESULTS.md in place of the previous run's.
@@ -51,7 +52,7 @@ GROUP_SWEEP = "int4 groups (fp32 model)"
 CONFIGS = {  # name -> (dtype, quantize, variants measured in the same process)
     "fp32": ("float32", None, []),
     "bf16": ("bfloat16", None, []),
-    "int8": ("bfloat16", "int8", ["lm_head float"]),
+    "int8": ("bfloat16", "int8", ["lm_head float", "lm_head int8"]),
     "int4": ("bfloat16", "int4", ["lm_head float", "lm_head int4"]),
     GROUP_SWEEP: ("float32", None, ["g32", "g64", "g128"]),
 }
@@ -146,8 +147,8 @@ def worker(name: str) -> dict:
         if variant == "lm_head float":  # the tied weight is still there: back to the packed bf16 copy
             model.lm_head.quantized = None
             model.lm_head.pack_for_cpu(release_plain=False)
-        elif variant == "lm_head int4":
-            model.lm_head.quantize("int4", release_plain=False, name="lm_head")
+        elif variant in ("lm_head int4", "lm_head int8"):
+            model.lm_head.quantize(variant.split()[1], release_plain=False, name="lm_head")
         else:
             for module_name, weight in originals.items():
                 model.get_submodule(module_name).quantized = Int4Weight.quantize(weight, int(variant[1:]))
@@ -174,9 +175,10 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> tuple[floa
 
 def table(results: dict[str, dict]) -> list[str]:
     bf16, fp32 = results["bf16"]["base"], results["fp32"]["base"]
-    rows = [("fp32", "fp32", "base"), ("bf16", "bf16", "base"), ("int8 (lm_head int8)", "int8", "base"),
+    rows = [("fp32", "fp32", "base"), ("bf16", "bf16", "base"), ("int8 (lm_head w8a8)", "int8", "base"),
+            ("int8, lm_head int8 weight-only", "int8", "lm_head int8"),
             ("int8, lm_head bf16", "int8", "lm_head float"),
-            (f"int4 g{INT4_GROUP}, k/v int8 (lm_head int8)", "int4", "base"),
+            (f"int4 g{INT4_GROUP}, k/v int8 (lm_head w8a8)", "int4", "base"),
             (f"int4 g{INT4_GROUP}, k/v int8, lm_head bf16", "int4", "lm_head float"),
             (f"int4 g{INT4_GROUP}, k/v int8, lm_head int4", "int4", "lm_head int4"),
             *((f"int4 {g}, all requantized (fp32 model, untimed)", GROUP_SWEEP, g) for g in ("g32", "g64", "g128"))]
@@ -252,6 +254,8 @@ def main() -> None:
         "- int4: the GGUF's Q4_K tensors (every o_proj, half the down_proj) keep their own codes, k/v projections "
         "are requantized to int8, the rest to int4 (min-max, then least-squares steps); the group sweep requantizes "
         "every decoder linear to int4.",
+        "- lm_head under --quantize: int8 weights times int8 activations with one scale per token, on oneDNN's int8 "
+        "GEMM (w8a8); the decoder linears stay weight-only. The aims below count the decoder linears' bytes.",
         "",
         *table(results),
         "",

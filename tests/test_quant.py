@@ -28,7 +28,7 @@ from loraserve.models.default_model import default_model_path
 from loraserve.quant import quantize
 from loraserve.quant.ggml import ggml_int4_codes, int4_from_ggml
 from loraserve.quant.int4 import Int4Weight, dequantize_codes, int4_codes
-from loraserve.quant.int8 import KERNEL_MAX_ROWS, Int8Weight
+from loraserve.quant.int8 import KERNEL_MAX_ROWS, Int8DynamicWeight, Int8Weight
 from loraserve.sampling.params import SamplingParams
 
 KERNEL_VS_DEQUANTIZED = 0.01
@@ -66,6 +66,28 @@ def test_layer_matches_dequantized_and_original_weight(fmt: str, rows: int) -> N
     assert relative_error(quantized.dequantize(), reference_dequantized(weight, fmt, 32)) < 0.005
     bf16 = quantized.matmul(x.to(torch.bfloat16).reshape(1, rows, 192))  # batched input, bf16 activations
     assert bf16.dtype == torch.bfloat16 and bf16.shape == (1, rows, 256)
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_int8_gemm_with_per_token_activations_is_exact_for_its_quantized_inputs(rows: int) -> None:
+    """w8a8 computes exactly (up to float32 accumulation) the product of each row quantized with its own absmax scale
+    and the int8 weight; against float the only further error is that per-token rounding."""
+    torch.manual_seed(3)
+    weight = torch.randn(320, 192) * 0.05
+    x = torch.randn(rows, 192) * torch.logspace(-2, 1, rows)[:, None]  # rows of very different magnitudes
+    quantized = quantize(weight, "w8a8")
+    assert isinstance(quantized, Int8DynamicWeight)
+    token_scales = x.abs().amax(dim=1, keepdim=True) / 127
+    x_quantized = torch.round(x / token_scales) * token_scales
+    int8_weight = reference_dequantized(weight, "int8", 32)
+    y = quantized.matmul(x)
+    assert y.dtype == x.dtype and y.shape == (rows, 320)
+    assert relative_error(y, F.linear(x_quantized, int8_weight)) < 1e-5
+    assert relative_error(y, F.linear(x, weight)) < VS_ORIGINAL["int8"]
+    assert torch.allclose(quantized.dequantize(), int8_weight, rtol=1e-5, atol=1e-7)
+    assert quantized.nbytes == 320 * 192 + 320 * 4
+    bf16 = quantized.matmul(x.to(torch.bfloat16).reshape(1, rows, 192))
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == (1, rows, 320)
 
 
 @pytest.mark.parametrize(("shape", "expected"), [
@@ -142,7 +164,7 @@ def test_quantized_model_agrees_with_fp32(gemma_dir: Path, fmt: str, dtype: str,
     model = llm.engine.core.runner.model
     decoder = [m for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"]
     assert decoder and all(m.quantized is not None and m.weight is None for m in decoder)
-    assert isinstance(model.lm_head.quantized, Int8Weight)  # int8 under both formats: see engine/loading.py
+    assert isinstance(model.lm_head.quantized, Int8DynamicWeight)  # under both formats: see engine/loading.py
     assert model.model.embed_tokens.weight is not None  # the tied table the head was copied from
     share = agreement(greedy(llm), reference)
     assert share >= bound, share
@@ -171,7 +193,7 @@ def test_lora_on_a_quantized_base_adds_the_float_delta(gemma_dir: Path, tmp_path
         llm = LLM(EngineConfig(model_id=str(model_dir), dtype="float32", device="cpu",
                                quantize="int8" if quantized else None, max_batch_prefill_tokens=256))
         if not quantized:  # the same int8 lm_head as the quantized load gives it: only the decoder differs
-            llm.engine.core.runner.model.lm_head.quantize("int8", release_plain=False)
+            llm.engine.core.runner.model.lm_head.quantize("w8a8", release_plain=False)
         result = llm.generate([prompt], params, [adapter if with_adapter else None])[0]
         return [entry[1] for entry in result.prompt_logprobs[1:]], result
 

@@ -17,8 +17,8 @@ _ENGINE_FLAGS = {
     "revision": "Hub revision of the model",
     "dtype": "auto | float32 | bfloat16 | float16",
     "device": "auto | cpu | cuda",
-    "quantize": "int8 | int4: weight-only quantization of the linear layers; lm_head int8, and under int4 the k/v "
-                "projections too (default: none)",
+    "quantize": "int8 | int4: weight-only quantization of the linear layers; k/v projections int8 under int4; "
+                "lm_head int8 with per-token int8 activations (default: none)",
     "max_input_length": "longest prompt in tokens",
     "max_total_tokens": "prompt + generated tokens per request",
     "max_batch_prefill_tokens": "tokens computed per step (prefill chunks plus decodes)",

@@ -41,7 +41,7 @@ class EngineConfig:
     revision: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 on CPUs and GPUs that have it)
     device: str = "auto"  # auto | cpu | cuda
-    quantize: str | None = None  # None | int8 | int4: weight-only, linear layers (lm_head, and k/v under int4: int8)
+    quantize: str | None = None  # None | int8 | int4: linear layers, weight-only (k/v under int4: int8; lm_head: w8a8)
     max_input_length: int = 1024  # longest prompt, in tokens
     max_total_tokens: int = 2048  # prompt + generated, per request
     max_batch_prefill_tokens: int = 4096  # tokens computed per step (prefill chunks plus decodes)

@@ -21,12 +21,13 @@ from loraserve.models.loader import load_model, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
-# Under --quantize the lm_head gets a separate int8 copy (a tied head keeps the embedding's float table beside it).
-# Measured on Gemma 3 270M (262k x 640 head, 1 thread, shared 2-core machine, three runs, int8 decoder; see
-# benchmarks/RESULTS.md, "Weight-only quantization"): against the packed bf16 copy it halves the head's bytes (335 ->
-# 168 MB), leaves perplexity unchanged, decodes one stream 5-50% faster and 32 streams 14-36% slower (the weight-only
-# kernel re-reads the weight per row). Memory is what --quantize is for, so int8. int4 for the head: +6% perplexity.
-_LM_HEAD_FORMAT = "int8"
+# Under --quantize the lm_head gets a separate int8 copy (a tied head keeps the embedding's float table beside it),
+# multiplied with per-token int8 activations on oneDNN's int8 GEMM where it runs ("w8a8", quant/int8.py). Measured on
+# Gemma 3 270M (benchmarks/RESULTS.md, "Weight-only quantization"): it halves the head's bytes (335 -> 168 MB) and
+# leaves perplexity where the weight-only int8 head has it (25.97 / 26.00, bf16 25.87); the weight-only head decodes
+# one stream no faster than the packed bf16 one and 32 streams 1.4x slower, the int8 GEMM 1.3x and 1.4x faster than
+# the weight-only head. int4 for the head: 4x fewer bytes than bf16, +6% perplexity.
+_LM_HEAD_FORMAT = "w8a8"
 
 
 # Under --quantize int4, these projections are requantized to int8 instead, as llama.cpp's Q4_K_M gives attn_v more

@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 
 from loraserve.quant.int4 import Int4Weight
-from loraserve.quant.int8 import Int8Weight
+from loraserve.quant.int8 import Int8DynamicWeight, Int8Weight, dynamic_kernel_applies
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,15 @@ def _int8(weight: torch.Tensor, name: str = "") -> QuantizedWeight:
     return Int8Weight.quantize(weight)
 
 
-FORMATS: dict[str, Callable[..., QuantizedWeight]] = {"int8": _int8, "int4": _int4}
+def _w8a8(weight: torch.Tensor, name: str = "") -> QuantizedWeight:
+    """int8 weights and per-token int8 activations where oneDNN's int8 GEMM runs, else weight-only int8."""
+    if dynamic_kernel_applies(weight.device):
+        return Int8DynamicWeight.quantize(weight)
+    logger.info("w8a8: no int8 GEMM on %s for %s; weight-only int8 instead", weight.device, name or "a layer")
+    return Int8Weight.quantize(weight)
+
+
+FORMATS: dict[str, Callable[..., QuantizedWeight]] = {"int8": _int8, "int4": _int4, "w8a8": _w8a8}
 
 
 def quantize(weight: torch.Tensor, fmt: str, name: str = "") -> QuantizedWeight:
