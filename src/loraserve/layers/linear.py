@@ -50,10 +50,7 @@ class Linear(nn.Module):
     def quantize(self, fmt: str, release_plain: bool, name: str = "") -> None:
         """Replace the float weight by `fmt` (see loraserve.quant); an adapter's delta stays in the activation dtype,
         on top of the quantized base, as in QLoRA. The plain copy is released unless another module shares it."""
-        self.quantized = quantize(self.weight.detach(), fmt, name)
-        self.packed_weight = None
-        if release_plain:
-            self.register_parameter("weight", None)
+        self._hold_quantized(quantize(self.weight.detach(), fmt, name), release_plain)
 
     def set_quantized(self, weight: QuantizedWeight) -> None:
         """Take a weight that arrived already quantized (a GGUF file's 4-bit blocks); the float parameter, never
@@ -61,9 +58,14 @@ class Linear(nn.Module):
         if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
             raise ValueError(f"a {weight.out_features}x{weight.in_features} weight does not fit a "
                              f"{self.out_features}x{self.in_features} layer")
+        self._hold_quantized(weight, release_plain=True)
+
+    def _hold_quantized(self, weight: QuantizedWeight, release_plain: bool) -> None:
+        """The quantized weight replaces the packed copy and, unless another module shares it, the plain one."""
         self.quantized = weight
         self.packed_weight = None
-        self.register_parameter("weight", None)
+        if release_plain:
+            self.register_parameter("weight", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:

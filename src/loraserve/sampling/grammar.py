@@ -115,7 +115,8 @@ class GrammarState:
 
 class GrammarCompiler:
     """Compiles specs for one tokenizer. The llguidance tokenizer (seconds to build for a 262k vocabulary) is built
-    on the first constrained request, not at engine start, so servers that never see one never pay for it."""
+    by `prepare` (`AsyncEngine.run` calls it in a thread beside the step loop), or else on the first constrained
+    request."""
 
     def __init__(
         self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int], cache_size: int = 128
