@@ -2,7 +2,7 @@
 
 Measures output tokens/s and time per output token (TPOT) at 1, 8 and 32 concurrent requests, each generating a
 fixed number of tokens (EOS ignored, so every system does the same work), and single-stream decode against the
-memory floor (bytes of weights read per token / measured memory bandwidth). Appends a dated section to
+memory floor (bytes of weights read per token / measured memory bandwidth). Replaces its dated section of
 benchmarks/RESULTS.md and writes a plot to benchmarks/plots/engine_throughput.png.
 
     .venv/bin/pip install -e ".[bench]" && .venv/bin/python benchmarks/engine_throughput.py
@@ -13,23 +13,24 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from results_file import machine, replace_section
+from weights import linear_bytes
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import Engine
+from loraserve.layers.embedding import VocabEmbedding
 from loraserve.layers.linear import Linear
 from loraserve.models.default_model import default_model_path
 from loraserve.sampling.params import SamplingParams
 
 HERE = Path(__file__).parent
+HEADING = "## Engine throughput, default model"
 TOPICS = [
     "the history of the printing press", "how vaccines train the immune system", "why the sky is blue",
     "the rules of chess", "how a compiler works", "the water cycle", "the life of honeybees", "black holes",
@@ -115,36 +116,20 @@ def memory_bandwidth_gbs() -> float:
 
 
 def weight_bytes_per_token(engine: Engine) -> int:
-    """Bytes of weights one decode step reads: every projection and the lm_head (packed or plain) and every norm; of
-    the embedding table only one row per token, which we neglect."""
+    """Bytes of weights one decode step reads: every projection and the lm_head as stored, and every norm; of the
+    embedding table only one row per token, which we neglect."""
     model = engine.core.runner.model
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    projections = sum(_nbytes(m.packed_weight if m.packed_weight is not None else m.weight) for m in linears)
-    others = sum(_nbytes(p) for m in model.modules() if not isinstance(m, (Linear, nn.Embedding))
+    others = sum(p.nbytes for m in model.modules() if not isinstance(m, (Linear, VocabEmbedding))
                  for p in m.parameters(recurse=False))
-    return projections + others
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def machine() -> str:
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                         capture_output=True, text=True).stdout.strip()
-    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
-    extensions = ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags)
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu} ({extensions}), {os.cpu_count()} cores, {memory_gib:.0f} GiB, {torch.get_num_threads()} torch "
-            f"threads, Python {platform.python_version()}, torch {torch.__version__}")
+    return sum(linear_bytes(engine).values()) + others
 
 
 def write_results(results: list[Measurement], floor: dict, args: argparse.Namespace) -> None:
     by = {(m.system, m.concurrency): m for m in results}
     lines = [
-        f"## Engine throughput, default model ({datetime.date.today().isoformat()})",
+        f"{HEADING} ({datetime.date.today().isoformat()})",
         "",
-        f"- Machine: {machine()}",
+        f"- Machine: {machine()}, {torch.get_num_threads()} torch threads",
         f"- Command: `.venv/bin/python benchmarks/engine_throughput.py --new-tokens {args.new_tokens} "
         f"--dtype {args.dtype}`",
         f"- Workload: {args.new_tokens} new tokens per request (EOS ignored), greedy, prompts of 9-14 tokens, "
@@ -172,9 +157,7 @@ def write_results(results: list[Measurement], floor: dict, args: argparse.Namesp
         "![throughput](plots/engine_throughput.png)",
         "",
     ]
-    results_path = HERE / "RESULTS.md"
-    previous = results_path.read_text() if results_path.exists() else "# Benchmark results\n\n"
-    results_path.write_text(previous.rstrip() + "\n\n" + "\n".join(lines))
+    replace_section(HEADING, lines)
     (HERE / "out").mkdir(exist_ok=True)
     (HERE / "out" / "engine_throughput.json").write_text(json.dumps([m.__dict__ for m in results] + [floor], indent=1))
     plot(results, args.concurrency)

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quantization import linear_bytes
 from results_file import machine, replace_section
+from weights import linear_bytes
 
 from loraserve.config import EngineConfig
 from loraserve.engine.async_engine import AsyncEngine

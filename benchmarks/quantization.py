@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from results_file import machine, replace_section
+from weights import linear_bytes
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import Engine
@@ -62,23 +63,6 @@ def engine_config(dtype: str, quantize: str | None) -> EngineConfig:
     # a small KV pool so RSS reflects the weights; 4 x 512 perplexity tokens and 32 x ~50 decode tokens fit
     return EngineConfig(dtype=dtype, quantize=quantize, max_running_requests=32, kv_cache_memory=256 << 20,
                         max_batch_prefill_tokens=256)
-
-
-def linear_bytes(engine: Engine) -> dict[str, int]:
-    """Bytes each `Linear` holds for its matmul: quantized, oneDNN-packed or plain (a tied plain lm_head counts: it
-    is the embedding's table too, but the head reads all of it every step)."""
-    totals = {"decoder": 0, "lm_head": 0}
-    for name, module in engine.core.runner.model.named_modules():
-        if not isinstance(module, Linear):
-            continue
-        if module.quantized is not None:
-            size = module.quantized.nbytes
-        elif module.packed_weight is not None:
-            size = module.packed_weight.nbytes
-        else:
-            size = module.weight.nbytes
-        totals["lm_head" if name == "lm_head" else "decoder"] += size
-    return totals
 
 
 def current_rss() -> int:

@@ -13,10 +13,15 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
 def machine() -> str:
-    """The CPU model, core count and versions, for the header of every section."""
+    """The CPU model with the vector extensions our kernels use, cores, memory and versions, for the header of every
+    section."""
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    flags = next((line.split(":", 1)[1].split() for line in lscpu.splitlines() if line.startswith("Flags")), [])
+    extensions = ", ".join(f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags)
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{model} ({extensions}), {os.cpu_count()} cores, {memory_gib:.0f} GiB, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def replace_section(heading: str, lines: list[str]) -> None:
