@@ -22,7 +22,9 @@ from loraserve.engine.engine import Engine
 from loraserve.engine.llm import LLM, collect
 from loraserve.engine.request import AdapterRef
 from loraserve.errors import AdapterLoadError, AdapterNotFound
-from loraserve.layers.lora_ops import LoRABatch, dense_delta, reference_delta, segmented_delta, uniform_delta
+from loraserve.adapters.registry import AdapterKey
+from loraserve.layers.lora import ProjectionLoRA
+from loraserve.layers.lora_ops import LoRABatch, dense_add_, reference_delta, segmented_add_, uniform_delta
 from loraserve.sampling.params import SamplingParams
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -75,8 +77,7 @@ def peft_reference(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[in
 
 def test_mixed_batch_equals_peft_per_adapter(setup: tuple[Path, dict[str, Path]]) -> None:
     base_dir, adapters = setup
-    llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu", max_active_adapters=8,
-                           max_lora_rank=16, max_batch_prefill_tokens=32))
+    llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu", max_batch_prefill_tokens=32))
     names = list(adapters) + [None, None, "r8-all", "r4-vocab"]  # 11 requests: 7 adapters, 2 repeated, 2 base rows
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     refs = [AdapterRef(str(adapters[n]), source="local") if n else None for n in names]
@@ -100,7 +101,7 @@ def test_fused_projections_take_lora_as_peft_applies_it(tmp_path: Path) -> None:
     adapters = {name: save_random_adapter(base_dir, tmp_path / name, seed, r=4 + 2 * seed, lora_alpha=8,
                                           target_modules=modules)
                 for seed, (name, modules) in enumerate(targets.items())}
-    llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu", max_lora_rank=8))
+    llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu"))
     names = [*adapters, None]
     prompts = PROMPTS[: len(names)]
     refs = [AdapterRef(str(adapters[n]), source="local") if n else None for n in names]
@@ -114,40 +115,72 @@ def test_fused_projections_take_lora_as_peft_applies_it(tmp_path: Path) -> None:
         assert name is None or result.token_ids != plain.token_ids, name  # the adapter matters
 
 
-def test_lora_kernels_agree_with_the_reference_loop() -> None:
+def _arena(ranks: dict[int, int], d_in: int, d_out: int, dtype: torch.dtype = torch.float32) -> ProjectionLoRA:
+    """A projection arena holding a random adapter of each `ranks[slot]` (rank 0: the adapter skips this layer)."""
+    arena = ProjectionLoRA(d_in, d_out, dtype, torch.device("cpu"))
+    for slot, rank in ranks.items():
+        if rank:
+            arena.place(slot, torch.randn(rank, d_in, dtype=dtype), torch.randn(d_out, rank, dtype=dtype))
+    return arena
+
+
+def test_lora_forms_agree_with_the_reference_loop() -> None:
     torch.manual_seed(0)
-    slots, r_max, d_in, d_out = 6, 8, 24, 40
-    ranks = [8, 3, 0, 5, 1, 0]  # slot 5 stays unused: the dense form reads only the slots in use
-    a = torch.zeros(slots, r_max, d_in)
-    b = torch.zeros(d_out, slots, r_max)
-    for slot, rank in enumerate(ranks):
-        a[slot, :rank] = torch.randn(rank, d_in)
-        b[:, slot, :rank] = torch.randn(d_out, rank)
+    d_in, d_out = 24, 40
+    arena = _arena({0: 8, 1: 3, 2: 0, 3: 5, 4: 1, 5: 128}, d_in, d_out)  # slot 2: an adapter not targeting it
     x = torch.randn(30, d_in)
-    token_slots = [(-1 if i % 7 == 0 else [0, 1, 3, 4][i % 4]) for i in range(30)]
-    batch = LoRABatch.build(token_slots, ranks, torch.device("cpu"))
-    expected = reference_delta(x, a, b, batch)
-    torch.testing.assert_close(segmented_delta(x, a, b, batch), expected, rtol=1e-5, atol=1e-5)
-    dense = dense_delta(x, a, b, batch)  # every token's row, zero for base-model tokens
-    torch.testing.assert_close(dense[batch.rows], expected, rtol=1e-5, atol=1e-5)
-    assert dense[[i for i, s in enumerate(token_slots) if s < 0]].abs().max() == 0
+    token_slots = [(-1 if i % 7 == 0 else [0, 1, 2, 3, 4][i % 5]) for i in range(30)]
+    batch = LoRABatch.build(token_slots, torch.device("cpu"))
+    expected = reference_delta(x, arena.a, arena.b, batch, arena.placements)
+    layer = arena.segments(batch)
+    assert [rank for *_, rank in layer.placed] == [8, 3, 5, 1]  # slot 2 is skipped, slot 5 is not in the batch
+    segmented = segmented_add_(torch.zeros(30, d_out), x, arena.a, arena.b, batch, layer)
+    torch.testing.assert_close(segmented, expected, rtol=1e-5, atol=1e-5)
+    dense = dense_add_(torch.zeros(30, d_out), x, arena.a, arena.b, batch, arena.column_slots())
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+    assert dense[[i for i, s in enumerate(token_slots) if s in (-1, 2)]].abs().max() == 0
     assert sorted(batch.rows.tolist()) == [i for i, s in enumerate(token_slots) if s >= 0]
-    assert batch.slots_in_use == 5 and batch.uniform_slot is None
-    uniform = LoRABatch.build([3] * 30, ranks, torch.device("cpu"))
+    assert batch.uniform_slot is None
+    uniform = LoRABatch.build([3] * 30, torch.device("cpu"))
     assert uniform.uniform_slot == 3
-    torch.testing.assert_close(uniform_delta(x, a, b, uniform), reference_delta(x, a, b, uniform), rtol=1e-5,
-                               atol=1e-5)
-    assert LoRABatch.build([-1, -1], ranks, torch.device("cpu")) is None
+    offset, rank = arena.placements[3]
+    torch.testing.assert_close(uniform_delta(x, arena.a, arena.b, offset, rank),
+                               reference_delta(x, arena.a, arena.b, uniform, arena.placements), rtol=1e-5, atol=1e-5)
+    assert LoRABatch.build([-1, -1], torch.device("cpu")) is None
 
 
-def test_lora_batch_picks_dense_for_many_short_segments_only() -> None:
-    ranks = [16] * 32
-    decode = LoRABatch.build(list(range(32)), ranks, torch.device("cpu"))  # 32 adapters, one token each
-    assert decode.use_dense(16)
-    one_adapter = LoRABatch.build([3] * 32, ranks, torch.device("cpu"))  # one matmul pair is the cheapest
-    assert not one_adapter.use_dense(16)
-    prefill = LoRABatch.build([0] * 400 + [31] * 400, ranks, torch.device("cpu"))  # two long segments, 32 slots wide
-    assert not prefill.use_dense(16)
+def test_an_inf_in_one_adapter_never_reaches_another_row() -> None:
+    """Selection, not multiplication by a mask: the poisoned adapter's own rows go non-finite, no other row does."""
+    torch.manual_seed(1)
+    arena = _arena({0: 4, 1: 4, 2: 8}, 16, 12)
+    offset, _ = arena.placements[1]
+    arena.a[offset, 3] = float("inf")
+    x = torch.randn(6, 16)
+    batch = LoRABatch.build([0, 1, 2, -1, 0, 2], torch.device("cpu"))
+    for out in (segmented_add_(torch.zeros(6, 12), x, arena.a, arena.b, batch, arena.segments(batch)),
+                dense_add_(torch.zeros(6, 12), x, arena.a, arena.b, batch, arena.column_slots())):
+        assert torch.isfinite(out[[0, 2, 3, 4, 5]]).all() and not torch.isfinite(out[1]).all()
+
+
+def test_the_arena_grows_compacts_and_shrinks_without_moving_values() -> None:
+    torch.manual_seed(2)
+    arena = ProjectionLoRA(8, 6, torch.float32, torch.device("cpu"))
+    weights = {}
+    for slot, rank in enumerate([16, 3, 64, 1, 7, 128, 2]):
+        weights[slot] = (torch.randn(rank, 8), torch.randn(6, rank))
+        arena.place(slot, *weights[slot])
+    for slot in (0, 2, 5):  # the large ones leave: the arena shrinks and compacts
+        arena.remove(slot)
+        del weights[slot]
+    assert arena.a.shape[0] < 16 + 64 + 128
+    weights[7] = (torch.randn(32, 8), torch.randn(6, 32))
+    arena.place(7, *weights[7])
+    for slot, (a, b) in weights.items():
+        offset, rank = arena.placements[slot]
+        assert torch.equal(arena.a[offset : offset + rank], a) and torch.equal(arena.b[offset : offset + rank], b.T)
+    runs = sorted(arena.placements.values())
+    assert all(first + rank <= after for (first, rank), (after, _) in zip(runs, runs[1:]))  # no two overlap
+    assert arena.used_rows == 3 + 1 + 7 + 2 + 32
 
 
 def test_bad_adapters_fail_only_their_own_requests(setup: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
@@ -237,11 +270,11 @@ def test_adapter_from_s3_equals_the_local_copy(setup: tuple[Path, dict[str, Path
 
 def test_failures_are_remembered_for_a_while(setup: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
     import shutil
-    import time
 
     base_dir, adapters = setup
     llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu"))
-    llm.engine.lora.host.failure_ttl = 1.0
+    now = [0.0]
+    llm.engine.adapters.host.clock = lambda: now[0]
     late = tmp_path / "late-adapter"
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     with pytest.raises(AdapterNotFound):
@@ -249,9 +282,9 @@ def test_failures_are_remembered_for_a_while(setup: tuple[Path, dict[str, Path]]
     shutil.copytree(adapters["r4-mlp"], late)
     with pytest.raises(AdapterNotFound):  # remembered: not looked up again within the TTL
         llm.generate(["Paris is"], params, [AdapterRef(str(late), "local")])
-    time.sleep(1.1)
+    now[0] += 31.0  # past the failure TTL
     assert len(llm.generate(["Paris is"], params, [AdapterRef(str(late), "local")])[0].tokens) == 4
-    assert llm.engine.lora.host.loads == 1
+    assert llm.engine.adapters.host.loads == 1
 
 
 def test_a_thousand_adapters_with_bounded_host_memory(llama_setup: tuple[Path, dict[str, Path]],
@@ -270,8 +303,7 @@ def test_a_thousand_adapters_with_bounded_host_memory(llama_setup: tuple[Path, d
     one = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu"))
     sizes = {}
     for k in range(10):
-        adapter = one.engine.lora.host.get(str(root / f"adapter-{k:04d}"), "local", None)
-        sizes[k] = adapter.nbytes
+        sizes[k] = one.engine.adapters.host.get(AdapterKey("local", str(root / f"adapter-{k:04d}")), None).nbytes
     budget = int(sum(sizes.values()) / 10 * 50)
     llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu", max_active_adapters=8,
                            adapter_memory=budget, max_running_requests=32))
@@ -285,8 +317,8 @@ def test_a_thousand_adapters_with_bounded_host_memory(llama_setup: tuple[Path, d
         results = llm.generate(["Paris is"] * len(batch), params, refs)
         for i, result in zip(batch, results):
             assert result.token_ids == expected[i % 10], i
-        assert llm.engine.lora.host.nbytes <= budget
-    host = llm.engine.lora.host
+        assert llm.engine.adapters.host.nbytes <= budget
+    host = llm.engine.adapters.host
     assert host.loads == 1000 and host.evictions >= 1000 - 50 - 1
 
 

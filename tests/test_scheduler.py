@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.contracts import SchedulerOutput
-from loraserve.engine.request import AdapterRef, Request, RequestStatus
+from loraserve.engine.request import AdapterPin, AdapterRef, Request, RequestStatus
 from loraserve.engine.scheduler import Scheduler, SchedulerLimits
 from loraserve.sampling.params import SamplingParams
 
@@ -162,30 +161,31 @@ def test_random_workloads_keep_invariants(seed: int) -> None:
     assert blocks.num_free_blocks == blocks.num_blocks
 
 
-def _slot_gate(capacity: int) -> tuple[Callable[[Request], bool], Counter[str]]:
-    """A stand-in for the LoRA manager: `capacity` slots, an idle one evicted for a new adapter."""
-    users: Counter[str] = Counter()
+class _SlotGate:
+    """A stand-in for the adapter residency: room for `capacity` adapters, an idle one evicted for a new adapter."""
 
-    def gate(request: Request) -> bool:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.users: Counter[str] = Counter()
+
+    def try_acquire(self, request: Request) -> bool:
         name = request.adapter.adapter_id
-        if name not in users:
-            idle = [adapter for adapter, count in users.items() if count == 0]
-            if len(users) >= capacity and not idle:
+        if name not in self.users:
+            idle = [adapter for adapter, count in self.users.items() if count == 0]
+            if len(self.users) >= self.capacity and not idle:
                 return False
-            if len(users) >= capacity:
-                del users[idle[0]]
-            users[name] = 0
-        users[name] += 1
-        request.adapter_slot = 0
+            if len(self.users) >= self.capacity:
+                del self.users[idle[0]]
+            self.users[name] = 0
+        self.users[name] += 1
+        request.adapter_pin = AdapterPin(None, slot=0)  # type: ignore[arg-type] - no host entry without a model
         return True
-
-    return gate, users
 
 
 @pytest.mark.parametrize("max_wait", [8, 10_000])
 def test_an_adapter_waiting_for_a_slot_is_served_within_the_bound(max_wait: int) -> None:
     """Two slots kept busy by a steady stream for adapters a and b; one request for c arrives at step 3."""
-    gate, users = _slot_gate(capacity=2)
+    gate = _SlotGate(capacity=2)
     scheduler = Scheduler(SchedulerLimits(64, 16, max_slot_wait_steps=max_wait), BlockManager(1024, 4), gate)
     starving = dataclasses.replace(make_request("c", 4, 6), adapter=AdapterRef("c"))
     admitted_at = None
@@ -198,7 +198,7 @@ def test_an_adapter_waiting_for_a_slot_is_served_within_the_bound(max_wait: int)
         if admitted_at is None and any(chunk.request is starving for chunk in output.chunks):
             admitted_at = step
         for request in apply_step(scheduler, output):
-            users[request.adapter.adapter_id] -= 1
+            gate.users[request.adapter.adapter_id] -= 1
     if max_wait == 10_000:
         assert admitted_at is None  # without the bound, a and b hold the slots for ever
     else:

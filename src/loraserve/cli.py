@@ -26,9 +26,13 @@ _ENGINE_FLAGS = {
     "max_running_requests": "sequences decoded together",
     "kv_cache_memory": "bytes for the KV cache",
     "block_size": "tokens per KV block",
-    "max_active_adapters": "LoRA adapters resident in the model at once (0 disables LoRA)",
-    "max_lora_rank": "largest LoRA rank a slot holds",
-    "adapter_memory": "bytes of adapters kept in host memory beyond the active slots",
+    "max_active_adapters": "adapters resident in the model's LoRA layers at once (0 disables LoRA)",
+    "max_lora_rank": "refuse adapters of a larger rank (default: any rank)",
+    "adapter_device_memory": "bytes of adapter weights in the model's LoRA layers at once (default 1 GiB)",
+    "adapter_memory": "bytes of adapters kept in host memory beyond the device tier",
+    "adapter_source": "hub | local | s3: the source of adapters a request names without one (default hub)",
+    "lora_modules": "adapters registered by name at start: NAME=PATH (at --adapter-source) or "
+                    '\'{"name": ..., "path": ..., "source": ...}\' (repeatable, space-separated)',
     "adapter_uses_server_token": "true: adapter downloads without a token of their own use the server's HF_TOKEN",
 }
 _SERVER_FLAGS = {
@@ -38,12 +42,18 @@ _SERVER_FLAGS = {
 }
 
 
+_LIST_FLAGS = {"lora_modules"}  # take several values, as vLLM's flag does
+
+
 def _add_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
     for name, help_text in flags.items():
         env_name, kind = FLAG_ENV[name]
-        parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=f"{help_text} [env {env_name}]"
-        )
+        flag = "--" + name.replace("_", "-")
+        if name in _LIST_FLAGS:
+            parser.add_argument(flag, dest=name, nargs="+", action="extend", default=None,
+                                help=f"{help_text} [env {env_name}]")
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=f"{help_text} [env {env_name}]")
 
 
 def _pick(args: argparse.Namespace, names: dict[str, str]) -> dict[str, object]:

@@ -8,6 +8,7 @@ on the network; we read `LORASERVE_HOSTNAME` instead.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_SOURCES = ("hub", "local", "s3")
 QUANTIZE_FORMATS = ("int8", "int4")  # weight-only formats of loraserve.quant
 
 
@@ -31,6 +33,40 @@ def default_cache_dir() -> Path:
 
 def hf_token_from_env() -> str | None:
     return _env("HF_TOKEN") or _env("HUGGING_FACE_HUB_TOKEN")
+
+
+@dataclass(frozen=True)
+class LoRAModule:
+    """An adapter registered under a name at start (vLLM's `--lora-modules`)."""
+
+    name: str
+    path: str
+    source: str
+
+
+def parse_lora_module(entry: str, default_source: str) -> LoRAModule:
+    """`NAME=PATH` (at the default adapter source) or vLLM's JSON form `{"name", "path"}`, with an optional
+    `"source"` (hub, local or s3)."""
+    entry = entry.strip()
+    if entry.startswith("{"):
+        try:
+            fields = json.loads(entry)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--lora-modules {entry!r} is not valid JSON: {error}") from error
+        if not isinstance(fields, dict) or not isinstance(fields.get("name"), str) or not isinstance(
+                fields.get("path"), str):
+            raise ValueError(f"--lora-modules {entry!r}: the JSON form needs string fields name and path")
+        name, path, source = fields["name"], fields["path"], fields.get("source", default_source)
+    else:
+        name, sep, path = entry.partition("=")
+        source = default_source
+        if not sep:
+            raise ValueError(f"--lora-modules {entry!r}: expected NAME=PATH")
+    if not name or not path:
+        raise ValueError(f"--lora-modules {entry!r}: both the name and the path must be given")
+    if source not in ADAPTER_SOURCES:
+        raise ValueError(f"--lora-modules {entry!r}: source must be one of {list(ADAPTER_SOURCES)}")
+    return LoRAModule(name, path, source)
 
 
 @dataclass
@@ -49,9 +85,12 @@ class EngineConfig:
     max_running_requests: int = 64  # sequences decoded together
     kv_cache_memory: int = 1 << 30  # bytes for the KV pool when max_batch_total_tokens is not set
     block_size: int = 16
-    max_active_adapters: int = 8  # LoRA slots in the model (adapters batched together); 0 disables LoRA
-    max_lora_rank: int = 16  # vLLM's default; slot memory grows with it
-    adapter_memory: int = 1 << 30  # bytes of adapters kept in host memory (LRU) beyond the active slots
+    max_active_adapters: int = 1024  # adapters on the device at once (LoRAX's default); 0 disables LoRA
+    max_lora_rank: int | None = None  # refuse adapters of a larger rank; None = any rank (device memory follows it)
+    adapter_device_memory: int = 1 << 30  # bytes of adapter weights in the model's LoRA layers at once
+    adapter_memory: int = 1 << 30  # bytes of adapters kept in host memory (LRU) beyond the device tier
+    adapter_source: str = "hub"  # where adapters named without a source come from (LoRAX's ADAPTER_SOURCE)
+    lora_modules: tuple[str, ...] = ()  # adapters registered by name at start: NAME=PATH or vLLM's JSON form
     cache_dir: Path = field(default_factory=default_cache_dir)
     hf_token: str | None = field(default_factory=hf_token_from_env)
     # Lend the server's HF token to adapter downloads of requests that bring none (LoRAX: LORAX_USE_GLOBAL_HF_TOKEN).
@@ -68,11 +107,18 @@ class EngineConfig:
         if self.quantize is not None and self.quantize not in QUANTIZE_FORMATS:
             raise ValueError(f"quantize must be None or one of {list(QUANTIZE_FORMATS)}, got {self.quantize!r}")
         for name in ("max_input_length", "max_total_tokens", "max_batch_prefill_tokens", "max_running_requests",
-                     "block_size", "kv_cache_memory", "max_lora_rank", "adapter_memory"):
+                     "block_size", "kv_cache_memory", "adapter_device_memory", "adapter_memory"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_active_adapters < 0:
             raise ValueError(f"max_active_adapters must be >= 0, got {self.max_active_adapters}")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.adapter_source not in ADAPTER_SOURCES:
+            raise ValueError(f"adapter_source must be one of {list(ADAPTER_SOURCES)}, got {self.adapter_source!r}")
+        self.lora_modules = tuple(self.lora_modules)
+        for entry in self.lora_modules:
+            parse_lora_module(entry, self.adapter_source)
         if self.max_input_length >= self.max_total_tokens:
             raise ValueError(
                 f"max_input_length ({self.max_input_length}) must be < max_total_tokens ({self.max_total_tokens})"
@@ -134,7 +180,10 @@ FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "block_size": ("BLOCK_SIZE", int),
     "max_active_adapters": ("MAX_ACTIVE_ADAPTERS", int),
     "max_lora_rank": ("MAX_LORA_RANK", int),
+    "adapter_device_memory": ("ADAPTER_DEVICE_MEMORY", int),
     "adapter_memory": ("ADAPTER_MEMORY", int),
+    "adapter_source": ("ADAPTER_SOURCE", str),
+    "lora_modules": ("LORA_MODULES", lambda raw: tuple(raw.split())),
     "adapter_uses_server_token": ("LORAX_USE_GLOBAL_HF_TOKEN", _flag_bool),
     "hostname": ("LORASERVE_HOSTNAME", str),
     "port": ("PORT", int),

@@ -19,9 +19,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from transformers import PreTrainedTokenizerBase
+
+from loraserve.adapters.cache import HostAdapter
+from loraserve.adapters.registry import AdapterKey
+from loraserve.config import EngineConfig
 from loraserve.engine.engine import Engine, RequestOutput
 from loraserve.engine.request import AdapterRef, Request
-from loraserve.errors import EngineDead
+from loraserve.engine.residency import AdapterInfo
+from loraserve.engine.stats import EngineInfo, EngineStats
+from loraserve.errors import AdapterNotFound, EngineDead
 from loraserve.sampling.grammar import GrammarSpec
 from loraserve.sampling.params import SamplingParams
 
@@ -46,6 +53,10 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}  # owned by the loop thread
         self._stop = False
         self._loop_thread: threading.Thread | None = None  # the thread running the step loop, once it runs
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(Engine.from_config(config))
 
     def start(self) -> None:
         """Run the step loop in a thread of its own (scripts, tests). A server runs it with `run` on the main thread."""
@@ -98,11 +109,13 @@ class AsyncEngine:
         return self._outputs(request)
 
     async def _outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
+        adapter = None
         if request.adapter is not None:
-            # Off the step loop: other requests keep decoding while this adapter is read or downloaded.
-            request.adapter_weights = await asyncio.to_thread(self.engine.lora.prepare, request.adapter)
+            # Off the step loop: other requests keep decoding while this adapter is read or downloaded. It is pinned
+            # when the loop adds the request, so a client gone meanwhile leaves no pin behind.
+            adapter = await asyncio.to_thread(self.engine.adapters.prepare, request.adapter)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._send("add", (request, stream))
+        self._send("add", (request, stream, adapter))
         request_id = request.request_id
         finished = False
         try:
@@ -128,14 +141,79 @@ class AsyncEngine:
         self._send("call", (function, future))
         return await asyncio.wrap_future(future)
 
+    # -- the facade the server reads ------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.engine.tokenizer
+
+    def lent_token(self) -> str | None:
+        """The server's own Hub token, for adapter downloads of requests that bring none, where the operator lends
+        it (LORAX_USE_GLOBAL_HF_TOKEN); else None."""
+        config = self.engine.config
+        return config.hf_token if config.adapter_uses_server_token else None
+
+    def info(self) -> EngineInfo:
+        return self.engine.info()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
     async def adapter_chat_template(self, ref: AdapterRef) -> str | None:
         """The chat template the adapter ships, if any (loading the adapter into host memory, off the loop)."""
-        return (await asyncio.to_thread(self.engine.lora.prepare, ref)).chat_template
+        return (await asyncio.to_thread(self.engine.adapters.prepare, ref)).adapter.chat_template
 
     async def preload_adapter(self, ref: AdapterRef) -> bool:
-        """Load the adapter into host memory (off the loop), then into a free slot; False if no slot was free."""
-        await asyncio.to_thread(self.engine.lora.prepare, ref)
-        return await self.run_between_steps(lambda: self.engine.lora.activate(ref))
+        """Load the adapter into host memory (off the loop), then onto the device; False if it had no room."""
+        entry = await asyncio.to_thread(self.engine.adapters.prepare, ref)
+        return await self.run_between_steps(lambda: self.engine.adapters.activate(entry))
+
+    async def load_adapter(self, name: str, ref: AdapterRef, replace: bool = False) -> HostAdapter:
+        """Register `name` for the adapter at `ref` and load it now (vLLM's `/v1/load_lora_adapter`); a failed
+        load leaves the name unregistered. `replace` re-reads a registered name (its new files, a new version)."""
+        residency = self.engine.adapters
+        residency.require_enabled()
+        key = AdapterKey(ref.source, ref.adapter_id)
+        previous = residency.names.lookup(name)
+        residency.names.register(name, key, replace=replace)
+        try:
+            entry = await asyncio.to_thread(residency.prepare, AdapterRef(name, ref.source, ref.token))
+        except BaseException:
+            if previous is None:
+                residency.names.unregister(name)
+            else:
+                residency.names.register(name, previous, replace=True)
+            raise
+        await self.run_between_steps(lambda: residency.activate(entry))
+        return entry
+
+    async def unload_adapter(self, ref: AdapterRef) -> AdapterKey:
+        """Free the adapter's device and host memory and forget its name (`ref.adapter_id` may be a name or an id at
+        `ref.source`); raises `AdapterInUse` while requests use it and `AdapterNotFound` if nothing held it."""
+        residency = self.engine.adapters
+        residency.require_enabled()
+        key = residency.key_of(ref)
+        unloaded = await self.run_between_steps(lambda: residency.unload(key))
+        forgotten = residency.names.unregister(ref.adapter_id) is not None
+        if not unloaded and not forgotten:
+            raise AdapterNotFound(f"adapter {ref.adapter_id!r} is not loaded")
+        return key
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        """Every adapter this server knows at its highest tier: the device and host tiers snapshotted between steps,
+        the disk cache scanned in a worker thread (never on the step loop)."""
+        residency = self.engine.adapters
+        if not residency.enabled:
+            return []
+        on_disk = await asyncio.to_thread(residency.on_disk)
+        resident = await self.run_between_steps(residency.resident)
+        known = {(info.source, info.adapter_id): info for info in on_disk}
+        known.update({(info.source, info.adapter_id): info for info in resident})
+        for name, key in residency.names.items():
+            if (key.source, key.adapter_id) not in known:
+                known[(key.source, key.adapter_id)] = AdapterInfo(key.adapter_id, key.source, "registered",
+                                                                  names=(name,))
+        return list(known.values())
 
     def _send(self, kind: str, payload: object) -> None:
         self._inbox.put((kind, payload))
@@ -167,8 +245,8 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request, stream = payload  # type: ignore[misc]
-                self._add(request, stream)
+                request, stream, adapter = payload  # type: ignore[misc]
+                self._add(request, stream, adapter)
             elif kind == "call":
                 function, future = payload  # type: ignore[misc]
                 try:
@@ -180,9 +258,9 @@ class AsyncEngine:
                 if output is not None:
                     self._deliver(output)
 
-    def _add(self, request: Request, stream: _Stream) -> None:
+    def _add(self, request: Request, stream: _Stream, adapter: HostAdapter | None) -> None:
         try:
-            self.engine.add(request)
+            self.engine.add(request, adapter)
         except Exception as error:  # noqa: BLE001 - reported to the caller that sent the request
             stream.put(error)
             return

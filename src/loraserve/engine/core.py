@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from loraserve.engine.contracts import RunnerOutput, SampledToken, SchedulerOutput
 from loraserve.engine.request import FinishReason, Request
+from loraserve.engine.residency import AdapterResidency
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import Scheduler
 
@@ -32,9 +33,14 @@ class CoreOutput:
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, eos_token_ids: set[int]) -> None:
+    """Every way a request leaves the batch passes through here, so here its adapter is released: finished,
+    aborted (device use and host pin) or preempted (device use only; it acquires again when readmitted)."""
+
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, adapters: AdapterResidency,
+                 eos_token_ids: set[int]) -> None:
         self.scheduler = scheduler
         self.runner = runner
+        self.adapters = adapters
         self.eos_token_ids = frozenset(eos_token_ids)
         self._requests: dict[str, Request] = {}
 
@@ -50,6 +56,7 @@ class EngineCore:
         if request is not None:
             request.finish_reason = FinishReason.ABORTED
             self.scheduler.finish(request)
+            self.adapters.finish(request)
         return request
 
     def has_work(self) -> bool:
@@ -57,6 +64,8 @@ class EngineCore:
 
     def step(self) -> list[CoreOutput]:
         scheduled = self.scheduler.schedule()
+        for request in scheduled.preempted:
+            self.adapters.release(request)
         if not scheduled.chunks:
             return []
         return self._update(scheduled, self.runner.execute(scheduled))
@@ -75,6 +84,7 @@ class EngineCore:
                 if reason is not None:
                     request.finish_reason = reason
                     self.scheduler.finish(request)
+                    self.adapters.finish(request)
                     del self._requests[request.request_id]
             outputs.append(CoreOutput(request, token, result.prompt_logprobs.get(request.request_id)))
         return outputs

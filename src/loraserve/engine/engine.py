@@ -13,16 +13,19 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from loraserve.config import EngineConfig
+from loraserve.adapters.cache import HostAdapter
+from loraserve.adapters.registry import AdapterKey
+from loraserve.config import EngineConfig, parse_lora_module
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.core import CoreOutput, EngineCore
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.kv_cache import allocate_kv_cache, num_blocks_for_budget
 from loraserve.engine.loading import LoadedModel, load
-from loraserve.engine.lora_manager import LoRAManager
 from loraserve.engine.request import AdapterRef, FinishReason, Request, RequestTimings
+from loraserve.engine.residency import AdapterResidency, ResidencyLimits
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import Scheduler, SchedulerLimits
+from loraserve.engine.stats import AdapterCounters, EngineInfo, EngineStats, adapter_names
 from loraserve.errors import ContextTooLong, InvalidRequest
 from loraserve.sampling.grammar import GrammarCompiler
 from loraserve.sampling.params import SamplingParams
@@ -80,20 +83,23 @@ class Engine:
             )
         allocate_kv_cache(layers, num_blocks, config.block_size, dtype, device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.lora = (
-            LoRAManager(loaded.model, config.max_active_adapters, config.max_lora_rank, dtype, device,
-                        config.cache_dir / "adapters", config.s3_endpoint_url, config.adapter_memory)
-            if config.max_active_adapters
-            else None
+        self.adapters = AdapterResidency(
+            loaded.model,
+            ResidencyLimits(config.adapter_device_memory, config.max_active_adapters, config.max_lora_rank,
+                            config.adapter_memory, config.cache_dir / "adapters", config.s3_endpoint_url),
+            dtype, device,
         )
+        for entry in config.lora_modules:
+            module = parse_lora_module(entry, config.adapter_source)
+            self.adapters.names.register(module.name, AdapterKey(module.source, module.path))
         scheduler = Scheduler(
             SchedulerLimits(config.max_batch_prefill_tokens, config.max_running_requests), self.block_manager,
-            self._take_adapter_slot if self.lora is not None else None,
+            self.adapters,
         )
-        runner = ModelRunner(loaded.model, config.block_size, device, config.seed,
-                             self.lora.ranks if self.lora is not None else None)
-        self.core = EngineCore(scheduler, runner, loaded.eos_token_ids)
+        runner = ModelRunner(loaded.model, config.block_size, device, config.seed)
+        self.core = EngineCore(scheduler, runner, self.adapters, loaded.eos_token_ids)
         self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = loaded.model.config.vocab_size
         self.grammars = GrammarCompiler(self.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
         self._special_ids = set(self.tokenizer.all_special_ids)
         self._tracked: dict[str, _Tracked] = {}
@@ -103,6 +109,35 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> Engine:
         return cls(load(config), config)
 
+    # -- what the outside may read --------------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        config, blocks = self.config, self.block_manager
+        return EngineInfo(
+            model_name=self.model_name, dtype=str(config.torch_dtype()), device_type=config.torch_device().type,
+            max_input_length=self.max_input_length, max_total_tokens=self.max_total_tokens,
+            kv_capacity_tokens=blocks.num_blocks * blocks.block_size, block_size=blocks.block_size,
+            num_kv_blocks=blocks.num_blocks, max_running_requests=config.max_running_requests,
+            lora_enabled=self.adapters.enabled, max_adapters=config.max_active_adapters,
+            max_lora_rank=config.max_lora_rank, adapter_device_budget=config.adapter_device_memory,
+            adapter_host_budget=config.adapter_memory, adapter_source=config.adapter_source,
+        )
+
+    def stats(self) -> EngineStats:
+        """A snapshot, safe from any thread (see `engine.stats`)."""
+        scheduler, adapters = self.core.scheduler, self.adapters
+        host = adapters.host
+        return EngineStats(
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            num_free_kv_blocks=self.block_manager.num_free_blocks, num_kv_blocks=self.block_manager.num_blocks,
+            num_preemptions=scheduler.num_preemptions,
+            running_adapters=adapter_names(list(scheduler.running)),
+            waiting_adapters=adapter_names(list(scheduler.waiting)),
+            adapters=AdapterCounters(host.loads, host.hits, host.evictions, adapters.device_loads,
+                                     adapters.device_evictions, adapters.device_count, adapters.device_bytes,
+                                     adapters.layer_bytes, host.nbytes),
+        )
+
     # -- requests -------------------------------------------------------------------------------------------------
 
     def make_request(
@@ -111,11 +146,13 @@ class Engine:
     ) -> Request:
         """Tokenize and validate; raises `InvalidRequest` / `ContextTooLong` before anything is queued."""
         params.validate()
-        if adapter is not None and self.lora is None:
-            raise InvalidRequest("this server runs without LoRA slots (--max-active-adapters 0)")
+        if adapter is not None:
+            self.adapters.require_enabled()
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise InvalidRequest("`inputs` must not be empty")
+        if not isinstance(prompt, str) and not all(0 <= t < self.vocab_size for t in token_ids):
+            raise InvalidRequest(f"token ids must be in [0, {self.vocab_size}); the prompt holds one outside it")
         if len(token_ids) > self.max_input_length:
             raise ContextTooLong(
                 f"`inputs` must have less than {self.max_input_length + 1} tokens. Given: {len(token_ids)}"
@@ -136,11 +173,12 @@ class Engine:
             grammar=self.grammars.new_state(params.grammar) if params.grammar is not None else None,
         )
 
-    def add(self, request: Request) -> None:
-        """Queue a request made by `make_request`. Its adapter is read into host memory first if it is not there yet
-        (its errors raise here; `AsyncEngine` has already done this off the loop); a slot is taken at admission."""
-        if request.adapter is not None and request.adapter_weights is None:
-            request.adapter_weights = self.lora.prepare(request.adapter)
+    def add(self, request: Request, adapter: HostAdapter | None = None) -> None:
+        """Queue a request made by `make_request`, with its adapter as `AdapterResidency.prepare` returned it (read
+        now if not given: its errors raise here; `AsyncEngine` has already prepared it off the loop). The adapter is
+        put on the device at admission."""
+        if request.adapter is not None:
+            self.adapters.pin(request, adapter if adapter is not None else self.adapters.prepare(request.adapter))
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             request.prompt_token_ids,
@@ -151,7 +189,7 @@ class Engine:
         try:
             self.core.add_request(request)
         except Exception:
-            self._release_adapter(request)
+            self.adapters.finish(request)
             raise
         self._tracked[request.request_id] = _Tracked(request, detokenizer)
 
@@ -161,7 +199,6 @@ class Engine:
         if tracked is None:
             return None
         self.core.abort(request_id)
-        self._release_adapter(tracked.request)
         return self._final(tracked, [], tracked.detokenizer.flush(), FinishReason.ABORTED)
 
     def has_work(self) -> bool:
@@ -200,32 +237,14 @@ class Engine:
         if tracked.detokenizer.stopped is not None:
             self.core.abort(request.request_id)
             del self._tracked[request.request_id]
-            self._release_adapter(request)
             return self._final(tracked, [token], text, FinishReason.STOP_SEQUENCE)
         if core_output.finished:
             del self._tracked[request.request_id]
-            self._release_adapter(request)
             token.text = text + tracked.detokenizer.flush()
             return self._final(tracked, [token], token.text, request.finish_reason)
         return RequestOutput(
             request.request_id, [token], text, len(request.prompt_token_ids), len(request.output_token_ids)
         )
-
-    def _take_adapter_slot(self, request: Request) -> bool:
-        """The scheduler's gate: True once the request holds a slot for its adapter (or needs none)."""
-        if request.adapter is None or request.adapter_slot >= 0:
-            return True
-        slot = self.lora.try_acquire(request.adapter, request.adapter_weights)
-        if slot is None:
-            return False
-        request.adapter_slot = slot
-        request.adapter_weights = None  # the slot holds a copy now
-        return True
-
-    def _release_adapter(self, request: Request) -> None:
-        if request.adapter_slot >= 0:
-            self.lora.release(request.adapter_slot)
-            request.adapter_slot = -1
 
     def _final(
         self, tracked: _Tracked, tokens: list[TokenInfo], text: str, reason: FinishReason | None

@@ -6,8 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from loraserve.adapters.cache import HostAdapter
 from loraserve.adapters.merge import MergeSpec
-from loraserve.adapters.peft import LoRAAdapter
 from loraserve.sampling.grammar import GrammarState
 from loraserve.sampling.params import SamplingParams
 
@@ -30,6 +30,15 @@ class AdapterRef:
     @classmethod
     def merged(cls, spec: MergeSpec, source: str = "hub", token: str | None = None) -> AdapterRef:
         return cls(spec.key, source, token, spec)
+
+
+@dataclass(eq=False)
+class AdapterPin:
+    """A request's hold on its adapter, owned by the residency: the host entry (never evicted while pinned) and the
+    device slot while the request is admitted (-1 while it waits)."""
+
+    entry: HostAdapter
+    slot: int = -1
 
 
 @dataclass
@@ -64,7 +73,7 @@ class FinishReason(enum.Enum):
     ABORTED = "aborted"
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """The core's view of a request. `num_computed_tokens` counts tokens whose K/V are in the cache."""
 
@@ -73,10 +82,8 @@ class Request:
     params: SamplingParams
     max_total_tokens: int  # prompt + generated may not exceed this (model context or server limit)
     adapter: AdapterRef | None = None
-    adapter_slot: int = -1  # the LoRA slot the adapter occupies while the request is in flight; -1 = base model
-    slot_wait_steps: int = 0  # steps the scheduler passed it over for want of a free LoRA slot
-    adapter_weights: LoRAAdapter | None = None  # its adapter, held from `add` until a slot takes it: the host LRU
-    # may drop its own reference meanwhile (a burst of cold adapters), and reloading then would stall the step loop
+    adapter_pin: AdapterPin | None = None  # set by the residency from `add` until the request ends
+    slot_wait_steps: int = 0  # steps the scheduler passed it over for want of room on the device for its adapter
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
@@ -85,6 +92,11 @@ class Request:
     num_preemptions: int = 0
     timings: RequestTimings = field(default_factory=RequestTimings)
     grammar: GrammarState | None = None  # set iff params.grammar: fed each output token once, kept on preemption
+
+    @property
+    def adapter_slot(self) -> int:
+        """The device slot of its adapter while admitted; -1 for the base model or while waiting."""
+        return self.adapter_pin.slot if self.adapter_pin is not None else -1
 
     @property
     def num_tokens(self) -> int:

@@ -16,12 +16,8 @@ from loraserve.sampling.sampler import Sampler, SamplingRow, prompt_logprobs
 class ModelRunner:
     """Owns the model on its device; turns `SchedulerOutput` into sampled tokens."""
 
-    def __init__(
-        self, model: CausalLM, block_size: int, device: torch.device, seed: int = 0,
-        lora_ranks: list[int] | None = None,
-    ) -> None:
+    def __init__(self, model: CausalLM, block_size: int, device: torch.device, seed: int = 0) -> None:
         self.model = model
-        self.lora_ranks = lora_ranks  # rank per LoRA slot, kept current by the LoRA manager; None without LoRA
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(seed)
@@ -30,9 +26,8 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
         chunks = [self._sequence_chunk(chunk) for chunk in step.chunks]
         inputs = build_step_inputs(chunks, self.block_size, self.device)
-        if self.lora_ranks is not None:
-            slots = [c.request.adapter_slot for c in step.chunks for _ in range(c.num_tokens)]
-            inputs.context.lora = LoRABatch.build(slots, self.lora_ranks, self.device)
+        slots = [c.request.adapter_slot for c in step.chunks for _ in range(c.num_tokens)]
+        inputs.context.lora = LoRABatch.build(slots, self.device)
         with forward_context(inputs.context):
             hidden = self.model(inputs.input_ids, inputs.positions)
         output = RunnerOutput()
@@ -57,7 +52,7 @@ class ModelRunner:
     def _logits(self, hidden: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
         """Logits of `hidden`'s rows in a context of their own: an lm_head LoRA reads the adapter slot of each row it
         projects (one per sampled sequence), not of each token of the step."""
-        lora = LoRABatch.build(row_slots, self.lora_ranks, self.device) if self.lora_ranks is not None else None
+        lora = LoRABatch.build(row_slots, self.device)
         context = ForwardContext(slot_mapping=torch.empty(0, dtype=torch.int64), attention_groups=[], lora=lora)
         with forward_context(context):
             return self.model.compute_logits(hidden)

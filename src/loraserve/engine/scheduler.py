@@ -6,13 +6,15 @@ request's next tokens, the newest running request is preempted: its blocks are f
 the queue, to be recomputed from its prompt and the tokens it already produced (nothing is lost; the sampler's seeded
 draws depend only on the request, so even sampled output is unchanged). If nothing was preempted, waiting requests
 are admitted in arrival order while the budget, the sequence cap and the pool allow; a prompt longer than the
-remaining budget is admitted with a first chunk and continues next step. A request whose adapter cannot get a LoRA
-slot yet (all slots held by requests in flight) is passed over and keeps its place; the others go ahead.
+remaining budget is admitted with a first chunk and continues next step. A request whose adapter cannot be put on
+the device yet (the adapter memory is held by requests in flight) is passed over and keeps its place; the others go
+ahead. The adapter residency answers that question (`AdapterGate`); the scheduler only asks it.
 
-No adapter starves: requests for the adapters already in slots could keep every slot busy forever. Once a request has
-been passed over for `max_slot_wait_steps` steps, no later request that still needs a slot is admitted until it is,
-so the slots drain as their requests finish and the least recently used one goes to the starving request. Its wait
-is bounded by that many steps plus the longest remaining generation in the slots; base-model requests keep flowing.
+No adapter starves: requests for the adapters already resident could keep the device memory busy forever. Once a
+request has been passed over for `max_slot_wait_steps` steps, no later request that still needs room is admitted
+until it is, so the memory drains as their requests finish and the least recently used adapters make room for the
+starving one. Its wait is bounded by that many steps plus the longest remaining generation on the device;
+base-model requests keep flowing.
 
 Pure Python, no torch: it is tested with synthetic requests.
 """
@@ -20,8 +22,8 @@ Pure Python, no torch: it is tested with synthetic requests.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.contracts import ScheduledChunk, SchedulerOutput
@@ -32,19 +34,22 @@ from loraserve.engine.request import Request, RequestStatus
 class SchedulerLimits:
     max_batch_tokens: int  # tokens computed per step (prefill chunks + decodes); LoRAX's max_batch_prefill_tokens
     max_running: int  # sequences in the running batch at once
-    max_slot_wait_steps: int = 32  # steps a request may wait for a LoRA slot before the slots are drained for it
+    max_slot_wait_steps: int = 32  # steps a request may wait for its adapter before the device is drained for it
+
+
+class AdapterGate(Protocol):
+    """Puts a request's adapter on the device for it; False while there is no room."""
+
+    def try_acquire(self, request: Request) -> bool: ...
 
 
 class Scheduler:
-    def __init__(
-        self, limits: SchedulerLimits, block_manager: BlockManager,
-        adapter_gate: Callable[[Request], bool] | None = None,
-    ) -> None:
+    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager, adapters: AdapterGate | None = None) -> None:
         if limits.max_batch_tokens < 1 or limits.max_running < 1:
             raise ValueError(f"scheduler limits must be >= 1, got {limits}")
         self.limits = limits
         self.blocks = block_manager
-        self.adapter_gate = adapter_gate  # gives a request its LoRA slot; False when none is free
+        self.adapters = adapters
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -88,11 +93,11 @@ class Scheduler:
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
         passed_over: list[Request] = []
-        draining = False  # a request starves for a slot: hold back every later one that needs a slot too
+        draining = False  # a request starves for its adapter: hold back every later one that needs room too
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_running:
             request = self.waiting[0]
-            needs_slot = self.adapter_gate is not None and request.adapter is not None and request.adapter_slot < 0
-            if needs_slot and (draining or not self.adapter_gate(request)):
+            needs_slot = self.adapters is not None and request.adapter is not None and request.adapter_slot < 0
+            if needs_slot and (draining or not self.adapters.try_acquire(request)):
                 if not draining:
                     request.slot_wait_steps += 1
                     draining = request.slot_wait_steps >= self.limits.max_slot_wait_steps

@@ -1,128 +1,197 @@
-"""Per-layer LoRA slot buffers: the running batch's adapters live here, one slot each; -1 means no adapter.
+"""Per-layer LoRA storage: each resident adapter that targets a layer holds exactly its rank there, nothing else.
+
+An adapter is known to a layer by its slot id (a small integer the residency assigns). A layer an adapter does not
+target holds nothing for it and skips its tokens, so PEFT's default q/v-only adapters cost nothing in the MLP.
 
 Three shapes of layer, three layouts:
-- `LoRASlots`, the decoder projections: every step, every token, so the batched forms of `lora_ops` apply;
-- `OutputLoRASlots`, the lm_head: its B is vocabulary-sized, so each slot's B is one contiguous `[r, vocab]` block
-  and only the rows being projected to logits (one per sampled sequence) pay, per adapter segment;
-- `EmbeddingLoRASlots`, the token embedding: A is vocabulary-sized, stored transposed so a step gathers only its
-  own tokens' rows.
+- `ProjectionLoRA`, the decoder projections: every step, every token. One arena per layer, A rows `[rows, in]`
+  and B transposed `[rows, out]`, each adapter a contiguous run of `rank` rows, so the batched forms of `lora_ops`
+  read every adapter of a step from one base pointer. The arena grows with the ranks placed in it and shrinks when
+  adapters leave, compacting as it does.
+- `OutputLoRA`, the lm_head: its B is vocabulary-sized; each adapter keeps its own `[r, vocab]` block and only the
+  rows projected to logits (one per sampled sequence) pay, per adapter segment.
+- `EmbeddingLoRA`, the token embedding: A is vocabulary-sized, kept transposed `[vocab, r]` so a step gathers only
+  its own tokens' rows.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from loraserve.layers.context import get_forward_context
-from loraserve.layers.lora_ops import LoRABatch, dense_delta, segmented_delta, uniform_delta
+from loraserve.layers.lora_ops import (
+    DENSE_UNITS_PER_SEGMENT,
+    LayerSegments,
+    LoRABatch,
+    dense_add_,
+    segmented_add_,
+    uniform_delta,
+)
+
+_ROW_ALIGN = 16  # arena capacity is a multiple of this many rows
+_FREE_ROW = -2  # the slot id `column_slots` gives a free arena row; tokens use -1 (base) or a slot >= 0
 
 
-def _check_rank(rank: int, capacity: int) -> None:
-    if rank > capacity:
-        raise ValueError(f"rank {rank} exceeds the slot capacity {capacity} (raise --max-lora-rank)")
+def _round_up(rows: int) -> int:
+    return -(-rows // _ROW_ALIGN) * _ROW_ALIGN
 
 
-class LoRASlots:
-    """Attached to a `Linear` as its `lora`; A `[slots, r_max, in]`, B `[out, slots, r_max]` (scale folded in).
+class ProjectionLoRA:
+    """Attached to a decoder `Linear` as its `lora`: the arena of every resident adapter that targets it."""
 
-    Both lay the slots out so that `A.view(slots * r_max, in)` and `B.view(out, slots * r_max)` are the concatenated
-    adapters the dense form multiplies by in one matmul each, with no copy.
-    """
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.a = torch.zeros(0, in_features, dtype=dtype, device=device)  # [capacity, in]
+        self.b = torch.zeros(0, out_features, dtype=dtype, device=device)  # [capacity, out]: B transposed
+        self.placements: dict[int, tuple[int, int]] = {}  # slot -> (first arena row, rank)
+        self._column_slots: torch.Tensor | None = None
 
-    def __init__(self, in_features: int, out_features: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(out_features, num_slots, max_rank, dtype=dtype, device=device)
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes
 
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    @property
+    def used_rows(self) -> int:
+        return sum(rank for _, rank in self.placements.values())
+
+    def place(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Store one adapter's A `[r, in]` and B `[out, r]` (scale folded in) for `slot`."""
         rank = a.shape[0]
-        _check_rank(rank, self.a.shape[1])
-        self.clear_slot(slot)
-        self.a[slot, :rank].copy_(a)
-        self.b[:, slot, :rank].copy_(b)
+        offset = self._free_run(rank)
+        self.a[offset : offset + rank].copy_(a)
+        self.b[offset : offset + rank].copy_(b.T)
+        self.placements[slot] = (offset, rank)
+        self._column_slots = None
 
-    def clear_slot(self, slot: int) -> None:
-        self.a[slot].zero_()
-        self.b[:, slot].zero_()
+    def remove(self, slot: int) -> None:
+        if self.placements.pop(slot, None) is None:
+            return
+        self._column_slots = None
+        used = self.used_rows
+        if self.a.shape[0] > _ROW_ALIGN and used < self.a.shape[0] // 2:
+            self._relayout(_round_up(used + used // 4))
+
+    def _free_run(self, rank: int) -> int:
+        """The first arena row of a free run of `rank` rows, compacting or growing the arena when none is free."""
+        capacity = self.a.shape[0]
+        cursor = 0
+        for offset, held in sorted(self.placements.values()):
+            if offset - cursor >= rank:
+                return cursor
+            cursor = offset + held
+        if capacity - cursor >= rank:
+            return cursor
+        used = self.used_rows
+        if used + rank > capacity:
+            capacity = _round_up(max(used + rank, capacity + capacity // 4))
+        self._relayout(capacity)
+        return used
+
+    def _relayout(self, capacity: int) -> None:
+        """Copy the placed adapters, in order and without gaps, into arenas of `capacity` rows."""
+        a = self.a.new_zeros(capacity, self.a.shape[1])
+        b = self.b.new_zeros(capacity, self.b.shape[1])
+        cursor = 0
+        for slot, (offset, rank) in sorted(self.placements.items(), key=lambda item: item[1][0]):
+            a[cursor : cursor + rank].copy_(self.a[offset : offset + rank])
+            b[cursor : cursor + rank].copy_(self.b[offset : offset + rank])
+            self.placements[slot] = (cursor, rank)
+            cursor += rank
+        self.a, self.b = a, b
+        self._column_slots = None
+
+    def column_slots(self) -> torch.Tensor:
+        """`[W]` int64: the slot owning each arena row up to the last placed one (`_FREE_ROW` where free)."""
+        if self._column_slots is None:
+            width = max(offset + rank for offset, rank in self.placements.values())
+            owners = torch.full((width,), _FREE_ROW, dtype=torch.int64)
+            for slot, (offset, rank) in self.placements.items():
+                owners[offset : offset + rank] = slot
+            self._column_slots = owners.to(self.a.device)
+        return self._column_slots
+
+    def segments(self, batch: LoRABatch) -> LayerSegments:
+        placed, offsets, ranks = [], [], []
+        for slot, start, stop in batch.segments:
+            offset, rank = self.placements.get(slot, (0, 0))
+            offsets.append(offset)
+            ranks.append(rank)
+            if rank:
+                placed.append((start, stop, offset, rank))
+        return LayerSegments(placed, offsets, ranks)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = get_forward_context().lora
-        if batch is None:
+        if batch is None or not self.placements:
+            return y
+        layer = self.segments(batch)
+        if not layer.placed:
             return y
         if batch.uniform_slot is not None:
-            return y.add_(uniform_delta(x, self.a, self.b, batch).to(y.dtype))
-        if batch.use_dense(self.a.shape[1]):
-            return y.add_(dense_delta(x, self.a, self.b, batch).to(y.dtype))
-        delta = segmented_delta(x, self.a, self.b, batch)
-        # index_put_ with accumulate: microseconds here, where index_add takes milliseconds on the CPU
-        return y.index_put_((batch.rows,), delta.to(y.dtype), accumulate=True)
+            _, _, offset, rank = layer.placed[0]
+            return y.add_(uniform_delta(x, self.a, self.b, offset, rank).to(y.dtype))
+        width = self.column_slots().shape[0]
+        if len(layer.placed) > 1 and x.shape[0] * width <= DENSE_UNITS_PER_SEGMENT * len(layer.placed):
+            return dense_add_(y, x, self.a, self.b, batch, self.column_slots())
+        return segmented_add_(y, x, self.a, self.b, batch, layer)
 
 
-class OutputLoRASlots:
-    """Attached to the lm_head; A `[slots, r_max, in]`, B `[slots, r_max, vocab]` (scale folded in).
+class OutputLoRA:
+    """Attached to the lm_head: per slot A `[r, in]` and B transposed `[r, vocab]` (scale folded in)."""
 
-    Runs at each slot's own rank for this layer and skips slots whose adapter does not target it, so adapters
-    without an lm_head LoRA cost nothing here.
-    """
+    def __init__(self) -> None:
+        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __init__(self, in_features: int, out_features: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device)
-        self.ranks = [0] * num_slots
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        rank = a.shape[0]
-        _check_rank(rank, self.a.shape[1])
-        self.a[slot, :rank].copy_(a)
-        self.b[slot, :rank].copy_(b.T)
-        self.ranks[slot] = rank
+    def place(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.weights[slot] = (a.clone(), b.T.contiguous())
 
-    def clear_slot(self, slot: int) -> None:
-        self.ranks[slot] = 0  # the stale values past rank 0 are never read
+    def remove(self, slot: int) -> None:
+        self.weights.pop(slot, None)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = get_forward_context().lora
         if batch is None:
             return y
         for slot, start, stop in batch.segments:
-            rank = self.ranks[slot]
-            if rank:
+            weights = self.weights.get(slot)
+            if weights is not None:
                 rows = batch.rows[start:stop]
-                delta = F.linear(x[rows], self.a[slot, :rank]) @ self.b[slot, :rank]
+                delta = (x[rows] @ weights[0].T) @ weights[1]
                 y.index_put_((rows,), delta.to(y.dtype), accumulate=True)
         return y
 
 
-class EmbeddingLoRASlots:
-    """Attached to the token embedding; A transposed `[vocab, slots, r_max]`, B `[hidden, slots, r_max]`.
+class EmbeddingLoRA:
+    """Attached to the token embedding: per slot A transposed `[vocab, r]` and B `[hidden, r]`.
 
-    A token's row of A is what multiplying A by its one-hot input selects, so the step gathers `[T, slots x r_max]`
-    rows, masks each to its own slot and runs one matmul with every slot's B side by side: the dense form of
-    `lora_ops` without its first matmul.
+    A token's row of A is what multiplying A by its one-hot input selects, so each segment gathers its tokens' rows
+    and runs one matmul with its B.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.a = torch.zeros(num_embeddings, num_slots, max_rank, dtype=dtype, device=device)
-        self.b = torch.zeros(embedding_dim, num_slots, max_rank, dtype=dtype, device=device)
+    def __init__(self) -> None:
+        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        rank = a.shape[0]
-        _check_rank(rank, self.a.shape[2])
-        self.clear_slot(slot)
-        self.a[:, slot, :rank].copy_(a.T)
-        self.b[:, slot, :rank].copy_(b)
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
-    def clear_slot(self, slot: int) -> None:
-        self.a[:, slot].zero_()
-        self.b[:, slot].zero_()
+    def place(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.weights[slot] = (a.T.contiguous(), b.clone())
+
+    def remove(self, slot: int) -> None:
+        self.weights.pop(slot, None)
 
     def add_delta(self, token_ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch: LoRABatch | None = get_forward_context().lora
         if batch is None:
             return y
-        vocab, slots, max_rank = self.a.shape
-        width = batch.slots_in_use * max_rank
-        rows = self.a.view(vocab, slots * max_rank)[:, :width][token_ids] * batch.slot_mask(max_rank, y.dtype)
-        return y.add_(F.linear(rows, self.b.view(-1, slots * max_rank)[:, :width]))
+        for slot, start, stop in batch.segments:
+            weights = self.weights.get(slot)
+            if weights is not None:
+                rows = batch.rows[start:stop]
+                delta = weights[0][token_ids[rows]] @ weights[1].T
+                y.index_put_((rows,), delta.to(y.dtype), accumulate=True)
+        return y

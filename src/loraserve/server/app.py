@@ -19,12 +19,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loraserve import __version__
 from loraserve.config import EngineConfig, ServerConfig
-from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.engine import Engine
+from loraserve.engine.api import AsyncEngine
 from loraserve.server.admission import ConcurrencyLimit
 from loraserve.server.errors import error_body, install_error_handlers
 from loraserve.server.metrics import Metrics
 from loraserve.server.inventory import router as inventory_router
+from loraserve.server.inventory import vllm_router as vllm_adapters_router
 from loraserve.server.lorax.routes import router as lorax_router
 from loraserve.server.openai.routes import router as openai_router
 
@@ -88,6 +88,7 @@ def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfi
     app.include_router(lorax_router)
     app.include_router(openai_router)
     app.include_router(inventory_router)
+    app.include_router(vllm_adapters_router)
     return app
 
 
@@ -104,7 +105,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
         while not engine.is_running and not stopping.is_set():
             time.sleep(0.001)
 
-    app = build_app(lambda: AsyncEngine(Engine.from_config(engine_config)), server_config, hand_to_main_thread)
+    app = build_app(lambda: AsyncEngine.from_config(engine_config), server_config, hand_to_main_thread)
     server = uvicorn.Server(uvicorn.Config(app, host=server_config.hostname, port=server_config.port,
                                            log_level="info"))
     stopping = threading.Event()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loraserve.adapters.merge import MergeSpec
-from loraserve.engine.request import AdapterRef
+from loraserve.engine.api import AdapterRef
 from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
 from loraserve.server.lorax.schemas import GenerateParameters
@@ -19,11 +19,11 @@ def request_token(api_token: str | None, authorization: str | None, server_token
 
 
 def adapter_from_lorax(
-    parameters: GenerateParameters, authorization: str | None, server_token: str | None
+    parameters: GenerateParameters, authorization: str | None, server_token: str | None, default_source: str
 ) -> AdapterRef | None:
-    """The request's adapter, with its token (`request_token`)."""
+    """The request's adapter, with its token (`request_token`); `default_source` where it names none."""
     token = request_token(parameters.api_token, authorization, server_token)
-    source = parameters.adapter_source or "hub"
+    source = parameters.adapter_source or default_source
     merge = parameters.merged_adapters
     if merge is not None:
         if parameters.adapter_id:

@@ -6,7 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from loraserve.errors import AdapterInUse, EngineDead, InvalidRequest, LoraserveError, Overloaded
+from loraserve.errors import AdapterInUse, AdapterNotFound, EngineDead, InvalidRequest, LoraserveError, Overloaded
 
 _STATUS: list[tuple[type[Exception], int, str]] = [
     (AdapterInUse, 409, "conflict"),
@@ -17,8 +17,12 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
-def status_for(error: Exception) -> tuple[int, str]:
-    """The status and LoRAX error_type for an exception raised while serving a request."""
+def status_for(error: Exception, path: str) -> tuple[int, str]:
+    """The status and error type for an exception raised while serving a request on `path`. A missing adapter is
+    LoRAX's 424 on its generation routes, OpenAI's 404 for an unknown `model` under /v1, and 404 on the adapter
+    management routes."""
+    if isinstance(error, AdapterNotFound) and path.startswith(("/v1/", "/adapters")):
+        return 404, "not_found"
     for kind, status, error_type in _STATUS:
         if isinstance(error, kind):
             return status, error_type
@@ -47,5 +51,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LoraserveError)
     async def _engine(request: Request, error: LoraserveError) -> JSONResponse:
-        status, error_type = status_for(error)
+        status, error_type = status_for(error, request.url.path)
         return _reply(request, str(error), error_type, status)

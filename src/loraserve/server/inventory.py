@@ -1,12 +1,16 @@
-"""Adapter management beyond LoRAX: list every known adapter with its tier, preload one ahead of traffic, unload one.
+"""Adapter management: our inventory routes and vLLM's load/unload routes (what AIBrix and llm-d's router call).
 
-    GET  /adapters          -> {"adapters": [{adapter_id, source, tier, rank, size_bytes, slot, requests}], ...}
-    POST /adapters/preload  {"adapter_id", "adapter_source", "api_token"} -> {"adapter_id", "source", "tier"}
-    POST /adapters/unload   {"adapter_id", "adapter_source"} -> {"adapter_id", "source", "unloaded": true}
+    GET  /adapters               -> {"adapters": [{adapter_id, source, tier, version, rank, size_bytes, slot,
+                                     requests, names}], "device_bytes", "device_budget_bytes", ...}
+    POST /adapters/preload       {"adapter_id", "adapter_source", "api_token"} -> {"adapter_id", "source", "tier"}
+    POST /adapters/unload        {"adapter_id", "adapter_source"} -> {"adapter_id", "source", "unloaded": true}
+    POST /v1/load_lora_adapter   {"lora_name", "lora_path", "load_inplace"?, "source"?} -> text, as vLLM
+    POST /v1/unload_lora_adapter {"lora_name"} -> text, as vLLM
 
-Tiers, highest first: `active` (in a LoRA slot, read by the running batch), `host` (in memory), `disk` (downloaded
-into the server's cache). Unloading drops the memory tiers and keeps the files; it answers 409 while requests use
-the adapter and 404 for an adapter that is in neither tier.
+Tiers, highest first: `device` (in the model's LoRA layers, read by the running batch), `host` (in memory), `disk`
+(downloaded into the server's cache), `registered` (a name whose adapter has not been read yet). Unloading frees
+the device and host memory and keeps the files; it answers 409 while requests use the adapter and 404 for an
+adapter that is not loaded. Names and raw ids both work.
 """
 
 from __future__ import annotations
@@ -14,60 +18,106 @@ from __future__ import annotations
 import dataclasses
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
-from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.request import AdapterRef
+from loraserve.engine.api import AdapterRef, AsyncEngine
 from loraserve.errors import InvalidRequest
 from loraserve.server.convert import request_token
-from loraserve.server.errors import error_body
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
+vllm_router = APIRouter(prefix="/v1", tags=["adapters"])
 
 
 class AdapterRequest(BaseModel):
     adapter_id: str
-    adapter_source: str = "hub"
+    adapter_source: str | None = None
     api_token: str | None = None
+
+
+class LoadLoRARequest(BaseModel):
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False  # vLLM: replace an adapter already registered under this name
+    source: str | None = None  # ours: hub, local or s3; by default guessed from the path (see `_source_of`)
+
+
+class UnloadLoRARequest(BaseModel):
+    lora_name: str
 
 
 def _engine(request: Request) -> AsyncEngine:
     engine: AsyncEngine = request.app.state.engine
-    if engine.engine.lora is None:
-        raise InvalidRequest("this server runs without LoRA slots (--max-active-adapters 0)")
+    if not engine.info().lora_enabled:
+        raise InvalidRequest("this server runs without LoRA adapters (--max-active-adapters 0)")
     return engine
+
+
+def _ref(engine: AsyncEngine, body: AdapterRequest, request: Request) -> AdapterRef:
+    token = request_token(body.api_token, request.headers.get("authorization"), engine.lent_token())
+    return AdapterRef(body.adapter_id, body.adapter_source or engine.info().adapter_source, token)
 
 
 @router.get("")
 async def list_adapters(request: Request) -> dict:
     engine = _engine(request)
-    lora = engine.engine.lora
-    adapters = await engine.run_between_steps(lora.inventory)
+    adapters = await engine.list_adapters()
+    stats, info = engine.stats().adapters, engine.info()
     return {
-        "adapters": [dataclasses.asdict(info) for info in adapters],
-        "slots": len(lora.ranks),
-        "max_rank": lora.max_rank,
-        "host_bytes": lora.host.nbytes,
-        "host_capacity_bytes": lora.host.max_bytes,
+        "adapters": [dataclasses.asdict(a) for a in adapters],
+        "device_adapters": stats.device_adapters,
+        "max_device_adapters": info.max_adapters,
+        "device_bytes": stats.device_bytes,
+        "device_layer_bytes": stats.layer_bytes,
+        "device_budget_bytes": info.adapter_device_budget,
+        "max_rank": info.max_lora_rank,
+        "host_bytes": stats.host_bytes,
+        "host_capacity_bytes": info.adapter_host_budget,
     }
 
 
 @router.post("/preload")
 async def preload(body: AdapterRequest, request: Request) -> dict:
     engine = _engine(request)
-    config = engine.engine.config
-    token = request_token(body.api_token, request.headers.get("authorization"),
-                          config.hf_token if config.adapter_uses_server_token else None)
-    active = await engine.preload_adapter(AdapterRef(body.adapter_id, body.adapter_source, token))
-    return {"adapter_id": body.adapter_id, "source": body.adapter_source, "tier": "active" if active else "host"}
+    ref = _ref(engine, body, request)
+    active = await engine.preload_adapter(ref)
+    return {"adapter_id": body.adapter_id, "source": ref.source, "tier": "device" if active else "host"}
 
 
 @router.post("/unload", response_model=None)
-async def unload(body: AdapterRequest, request: Request) -> dict | JSONResponse:
+async def unload(body: AdapterRequest, request: Request) -> dict:
     engine = _engine(request)
-    lora = engine.engine.lora
-    if not await engine.run_between_steps(lambda: lora.unload(body.adapter_id, body.adapter_source)):
-        message = f"adapter {body.adapter_id!r} ({body.adapter_source}) is not loaded"
-        return JSONResponse(error_body(message, "not_found"), status_code=404)
-    return {"adapter_id": body.adapter_id, "source": body.adapter_source, "unloaded": True}
+    key = await engine.unload_adapter(_ref(engine, body, request))
+    return {"adapter_id": body.adapter_id, "source": key.source, "unloaded": True}
+
+
+def _source_of(path: str, default: str) -> str:
+    """vLLM's `lora_path` is usually a folder: an absolute or ./ or ~ path is local, s3:// is S3, anything else
+    takes the server's default source (--adapter-source)."""
+    if path.startswith(("/", "./", "../", "~")):
+        return "local"
+    if path.startswith("s3://"):
+        return "s3"
+    return default
+
+
+@vllm_router.post("/load_lora_adapter", response_class=PlainTextResponse, response_model=None)
+async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> PlainTextResponse | JSONResponse:
+    engine = _engine(request)
+    source = body.source or _source_of(body.lora_path, engine.info().adapter_source)
+    token = request_token(None, request.headers.get("authorization"), engine.lent_token())
+    registered = {name for info in await engine.list_adapters() for name in info.names}
+    if body.lora_name in registered and not body.load_inplace:
+        message = f"The lora adapter '{body.lora_name}' has already been loaded."
+        return JSONResponse({"error": {"message": message, "type": "InvalidUserInput", "param": None, "code": 400}},
+                            status_code=400)
+    await engine.load_adapter(body.lora_name, AdapterRef(body.lora_path, source, token), replace=body.load_inplace)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@vllm_router.post("/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> PlainTextResponse:
+    engine = _engine(request)
+    await engine.unload_adapter(AdapterRef(body.lora_name, engine.info().adapter_source))
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+

@@ -8,17 +8,13 @@ so the step loop never touches the registry.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.engine import RequestOutput
-from loraserve.engine.lora_manager import LoRAManager
-from loraserve.engine.request import Request
-from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.api import AsyncEngine, EngineStats, RequestOutput
 
 PREFIX = "loraserve:"
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -30,58 +26,61 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 
 class _EngineState(Collector):
+    """Gauges and counters read from the engine's stats snapshot at scrape time."""
+
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        engine = self.engine.engine
-        scheduler = engine.core.scheduler
-        blocks = engine.block_manager
-        name = engine.model_name
+        stats, info = self.engine.stats(), self.engine.info()
+        name = info.model_name
         for metric, value, text in (
-            ("num_requests_running", len(scheduler.running), "Requests in the running batch."),
-            ("num_requests_waiting", len(scheduler.waiting), "Requests waiting to be scheduled."),
-            ("kv_cache_usage_perc", 1.0 - blocks.num_free_blocks / blocks.num_blocks, "Share of KV blocks in use."),
+            ("num_requests_running", stats.num_running, "Requests in the running batch."),
+            ("num_requests_waiting", stats.num_waiting, "Requests waiting to be scheduled."),
+            ("kv_cache_usage_perc", stats.kv_cache_usage, "Share of KV blocks in use."),
         ):
             gauge = GaugeMetricFamily(PREFIX + metric, text, labels=["model_name"])
             gauge.add_metric([name], value)
             yield gauge
         preemptions = CounterMetricFamily(PREFIX + "num_preemptions", "Preemptions (recompute).", labels=["model_name"])
-        preemptions.add_metric([name], scheduler.num_preemptions)
+        preemptions.add_metric([name], stats.num_preemptions)
         yield preemptions
-        if engine.lora is not None:
-            yield from _adapter_metrics(engine.lora, scheduler)
+        if info.lora_enabled:
+            yield from _adapter_metrics(stats, info.max_adapters)
 
 
-def _adapter_metrics(lora: LoRAManager, scheduler: Scheduler) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+def _adapter_metrics(stats: EngineStats, max_adapters: int) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     """vLLM's `lora_requests_info` (gateways route by it), and the adapter tiers' counters."""
-    def adapters(requests: Iterable[Request]) -> str:
-        # a copy first: the step loop may be changing the queue while this scrape reads it
-        return ",".join(sorted({r.adapter.adapter_id for r in list(requests) if r.adapter is not None}))
-
     info = GaugeMetricFamily(PREFIX + "lora_requests_info", "Adapters of running and waiting requests.",
                              labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-    info.add_metric([str(len(lora.ranks)), adapters(scheduler.running), adapters(scheduler.waiting)], time.time())
+    info.add_metric([str(max_adapters), ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)],
+                    time.time())
     yield info
+    counters = stats.adapters
     for metric, value, text in (
-        ("adapter_host_loads", lora.host.loads, "Adapters read from disk or downloaded into host memory."),
-        ("adapter_host_hits", lora.host.hits, "Adapter lookups served from host memory."),
-        ("adapter_host_evictions", lora.host.evictions, "Adapters evicted from host memory."),
-        ("adapter_slot_loads", lora.slot_loads, "Adapters copied into a LoRA slot."),
-        ("adapter_slot_evictions", lora.slot_evictions, "Adapters evicted from a LoRA slot."),
+        ("adapter_host_loads", counters.host_loads, "Adapters read from disk or downloaded into host memory."),
+        ("adapter_host_hits", counters.host_hits, "Adapter lookups served from host memory."),
+        ("adapter_host_evictions", counters.host_evictions, "Adapters evicted from host memory."),
+        ("adapter_device_loads", counters.device_loads, "Adapters copied into the model's LoRA layers."),
+        ("adapter_device_evictions", counters.device_evictions, "Adapters evicted from the model's LoRA layers."),
     ):
         counter = CounterMetricFamily(PREFIX + metric, text)
         counter.add_metric([], value)
         yield counter
-    slots = GaugeMetricFamily(PREFIX + "adapter_slots_in_use", "LoRA slots holding an adapter.")
-    slots.add_metric([], len(lora.resident()))
-    yield slots
+    for metric, value, text in (
+        ("adapters_on_device", counters.device_adapters, "Adapters resident in the model's LoRA layers."),
+        ("adapter_device_bytes", counters.device_bytes, "Bytes of adapter weights resident on the device."),
+        ("adapter_host_bytes", counters.host_bytes, "Bytes of adapters held in host memory."),
+    ):
+        gauge = GaugeMetricFamily(PREFIX + metric, text)
+        gauge.add_metric([], value)
+        yield gauge
 
 
 class Metrics:
     def __init__(self, engine: AsyncEngine) -> None:
         self.registry = CollectorRegistry()
-        self.model_name = engine.engine.model_name
+        self.model_name = engine.info().model_name
         labels = ["model_name", "adapter"]
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.", labels,
                               buckets=TTFT_BUCKETS, registry=self.registry)
@@ -106,11 +105,16 @@ class Metrics:
         labels = (self.model_name, adapter)
         start = time.monotonic()
         first: float | None = None
+        generated, finished = 0, False
         try:
             async for output in outputs:
                 first = self._record(output, labels, start, first)
+                generated = output.generated_tokens
+                finished = output.finished
                 yield output
         finally:
+            if not finished:  # aborted: its tokens were still computed
+                self.generation_tokens.labels(*labels).inc(generated)
             await outputs.aclose()  # a consumer that stops early aborts the request underneath
 
     def _record(self, output: RequestOutput, labels: tuple[str, str], start: float, first: float | None) -> float | None:

@@ -11,10 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
-from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.engine import RequestOutput, TokenInfo
-from loraserve.engine.request import AdapterRef
-from loraserve.engine.llm import Completion, collect
+from loraserve.engine.api import AdapterRef, AsyncEngine, Completion, RequestOutput, TokenInfo, collect
 from loraserve.errors import LoraserveError
 from loraserve.server.convert import adapter_from_lorax, sampling_params_from_lorax
 from loraserve.server.errors import error_body, status_for
@@ -47,9 +44,9 @@ def _label(adapter: AdapterRef | None) -> str:
 
 
 def _adapter(body: GenerateRequest, request: Request) -> AdapterRef | None:
-    config = _engine(request).engine.config
-    server_token = config.hf_token if config.adapter_uses_server_token else None
-    return adapter_from_lorax(body.parameters, request.headers.get("authorization"), server_token)
+    engine = _engine(request)
+    return adapter_from_lorax(body.parameters, request.headers.get("authorization"), engine.lent_token(),
+                              engine.info().adapter_source)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=_ERRORS)
@@ -76,8 +73,9 @@ async def generate(body: GenerateRequest, request: Request, response: Response) 
 
 
 def _common_headers(body: GenerateRequest, request: Request, adapter: AdapterRef | None) -> dict[str, str]:
-    headers = {"x-compute-type": _engine(request).engine.config.torch_device().type,
-               "x-compute-characters": str(len(body.inputs)), "x-model-id": _engine(request).engine.model_name}
+    info = _engine(request).info()
+    headers = {"x-compute-type": info.device_type, "x-compute-characters": str(len(body.inputs)),
+               "x-model-id": info.model_name}
     if adapter is not None:
         headers |= {"x-adapter-id": adapter.adapter_id, "x-adapter-source": adapter.source}
     return headers
@@ -106,7 +104,7 @@ def _timing_headers(body: GenerateRequest, request: Request, adapter: AdapterRef
 
 def _prefill(inputs: str, completion: Completion, request: Request) -> list[PrefillToken]:
     """`decoder_input_details`: each prompt token with its logprob given its prefix (the first has none)."""
-    tokenizer = _engine(request).engine.tokenizer
+    tokenizer = _engine(request).tokenizer
     first = tokenizer.encode(inputs)[0]
     entries = [(first, None)] + [(token, logprob) for token, logprob, _ in completion.prompt_logprobs or []]
     return [PrefillToken(id=token, text=tokenizer.decode([token]), logprob=logprob) for token, logprob in entries]
@@ -115,7 +113,7 @@ def _prefill(inputs: str, completion: Completion, request: Request) -> list[Pref
 @router.post("/tokenize", responses=_ERRORS)
 async def tokenize(body: TokenizeRequest, request: Request) -> list[TokenSpan]:
     """Token ids with their text and character offsets in `inputs` (LoRAX's `/tokenize`)."""
-    tokenizer = _engine(request).engine.tokenizer
+    tokenizer = _engine(request).tokenizer
     encoded = tokenizer(body.inputs, add_special_tokens=body.add_special_tokens is not False,
                         return_offsets_mapping=True)
     return [TokenSpan(id=token, text=body.inputs[start:stop], start=start, stop=stop)
@@ -175,7 +173,7 @@ async def _stream_events(
                 yield sse_event(event)
     except LoraserveError as error:
         # the status line is already sent: report the failure in-band, as LoRAX does
-        yield sse_event(error_body(str(error), status_for(error)[1]))
+        yield sse_event(error_body(str(error), status_for(error, "/generate_stream")[1]))
     finally:
         release()
 
@@ -213,15 +211,14 @@ async def health(request: Request) -> Response:
 
 @router.get("/info")
 async def info(request: Request) -> dict:
-    engine = _engine(request).engine
-    config = engine.config
+    info = _engine(request).info()
     return {
-        "model_id": engine.model_name,
-        "model_dtype": str(config.torch_dtype()),
-        "model_device_type": config.torch_device().type,
-        "max_input_length": engine.max_input_length,
-        "max_total_tokens": engine.max_total_tokens,
-        "max_batch_total_tokens": engine.block_manager.num_blocks * engine.block_manager.block_size,
+        "model_id": info.model_name,
+        "model_dtype": info.dtype,
+        "model_device_type": info.device_type,
+        "max_input_length": info.max_input_length,
+        "max_total_tokens": info.max_total_tokens,
+        "max_batch_total_tokens": info.kv_capacity_tokens,
         "max_concurrent_requests": request.app.state.server_config.max_concurrent_requests,
         "version": request.app.version,
     }

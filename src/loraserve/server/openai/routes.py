@@ -17,11 +17,8 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from loraserve import __version__
-from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.engine import RequestOutput, TokenInfo
-from loraserve.engine.llm import Completion as EngineCompletion
-from loraserve.engine.llm import collect
-from loraserve.engine.request import AdapterRef, FinishReason
+from loraserve.engine.api import AdapterRef, AsyncEngine, FinishReason, RequestOutput, TokenInfo, collect
+from loraserve.engine.api import Completion as EngineCompletion
 from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
 from loraserve.server.convert import request_token
@@ -56,13 +53,17 @@ def _engine(request: Request) -> AsyncEngine:
 
 @router.get("/models")
 async def models(request: Request) -> dict:
-    engine = _engine(request).engine
+    """The base model, then every known adapter as vLLM lists them: each registered name (and each unnamed adapter
+    by its id) with `parent` the base model and `root` where its files are."""
+    engine = _engine(request)
+    base = engine.info().model_name
     created = int(time.time())
-    entries = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "loraserve"}]
-    if engine.lora is not None:
-        adapters = await _engine(request).run_between_steps(engine.lora.inventory)
-        entries += [{"id": info.adapter_id, "object": "model", "created": created, "owned_by": "loraserve",
-                     "parent": engine.model_name, "source": info.source, "tier": info.tier} for info in adapters]
+    entries = [{"id": base, "object": "model", "created": created, "owned_by": "loraserve", "root": base,
+                "parent": None}]
+    for info in await engine.list_adapters():
+        for model_id in info.names or (info.adapter_id,):
+            entries.append({"id": model_id, "object": "model", "created": created, "owned_by": "loraserve",
+                            "root": info.adapter_id, "parent": base, "source": info.source, "tier": info.tier})
     return {"object": "list", "data": entries}
 
 
@@ -75,7 +76,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
     engine = _engine(request)
-    tokenizer = engine.engine.tokenizer
+    tokenizer = engine.tokenizer
     messages = [message.model_dump(exclude_none=True) for message in body.messages]
     adapter = _adapter(body, request)
     # an adapter trained on its own chat format ships its template; the base tokenizer's is the default
@@ -103,12 +104,12 @@ def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) 
 
 
 def _adapter(body: SamplingFields, request: Request) -> AdapterRef | None:
-    engine = _engine(request).engine
-    if body.model in ("", engine.model_name):
+    engine = _engine(request)
+    info = engine.info()
+    if body.model in ("", info.model_name):
         return None
-    server_token = engine.config.hf_token if engine.config.adapter_uses_server_token else None
-    token = request_token(body.api_token, request.headers.get("authorization"), server_token)
-    return AdapterRef(body.model, body.adapter_source or "hub", token)
+    token = request_token(body.api_token, request.headers.get("authorization"), engine.lent_token())
+    return AdapterRef(body.model, body.adapter_source or info.adapter_source, token)
 
 
 async def _serve(request: Request, body: SamplingFields, prompt: str | list[int], params: SamplingParams,
@@ -127,7 +128,7 @@ async def _serve(request: Request, body: SamplingFields, prompt: str | list[int]
     except Exception:
         release()
         raise
-    meta = (body.model or engine.engine.model_name, int(time.time()))
+    meta = (body.model or engine.info().model_name, int(time.time()))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = streamer(engine, streams, meta, include_usage, release)
@@ -159,7 +160,7 @@ def _usage(results: list[EngineCompletion]) -> Usage:
 def _chat_logprobs(engine: AsyncEngine, tokens: list[TokenInfo]) -> ChoiceLogprobs | None:
     if not tokens or tokens[0].logprob is None:
         return None
-    decode = engine.engine.tokenizer.decode
+    decode = engine.tokenizer.decode
     return ChoiceLogprobs(content=[
         TokenLogprob(token=decode([t.id]), logprob=t.logprob,
                      top_logprobs=[{"token": s, "logprob": lp, "bytes": list(s.encode())}
@@ -173,7 +174,7 @@ def completion_reply(engine: AsyncEngine, results: list[EngineCompletion], meta:
     for index, result in enumerate(results):
         logprobs = None
         if result.tokens and result.tokens[0].logprob is not None:
-            decode = engine.engine.tokenizer.decode
+            decode = engine.tokenizer.decode
             logprobs = CompletionLogprobs(
                 tokens=[decode([t.id]) for t in result.tokens],
                 token_logprobs=[t.logprob for t in result.tokens],
@@ -244,7 +245,7 @@ async def _events(engine: AsyncEngine, streams: list, meta: tuple[str, int], inc
                           total_tokens=counts["prompt"] + counts["completion"])
             yield sse_event(chunk(None, None, None, False, usage))
     except Exception as error:  # noqa: BLE001 - the status is sent: report in-band, as OpenAI's SDK expects
-        status, kind = status_for(error)
+        status, kind = status_for(error, "/v1/")
         yield sse_event({"error": {"message": str(error), "type": kind, "param": None, "code": status}})
     finally:
         release()
