@@ -197,7 +197,7 @@ def test_mixed_batch_with_lora_adapters(tmp_path: Path) -> None:
     refs = [AdapterRef(str(save_random_adapter(base_dir, tmp_path / f"a{seed}", seed, r=4, lora_alpha=8,
                                                target_modules=["q_proj", "v_proj", "down_proj"])), "local")
             for seed in range(2)]
-    engine = make_engine(base_dir, max_active_adapters=4, max_lora_rank=8)
+    engine = make_engine(base_dir, max_active_adapters=4)
     prompts = ["The quick brown fox", "Paris is the capital of", "def add(a, b):"]
     greedy, greedy_refs = [SamplingParams(max_new_tokens=10) for _ in prompts], [refs[0], None, refs[1]]
     alone = [[t.id for t in run(engine, [p], [prompt], [ref])[0].tokens]

@@ -93,6 +93,41 @@ def test_mixed_batch_equals_peft_per_adapter(setup: tuple[Path, dict[str, Path]]
     assert len(set(changed)) >= 6 and "r4-vocab" in changed, changed
 
 
+ANY_RANK = {
+    "r1-qv": dict(r=1, lora_alpha=2, target_modules=["q_proj", "v_proj"]),  # PEFT's default targets
+    "r8-mlp": dict(r=8, lora_alpha=16, target_modules=MLP),
+    "r32-all": dict(r=32, lora_alpha=32, target_modules=ATTENTION + MLP),
+    "r64-patterns": dict(r=64, lora_alpha=64, target_modules=ATTENTION + MLP, rank_pattern={"down_proj": 4},
+                         alpha_pattern={"q_proj": 16}),
+    "r128-qv": dict(r=128, lora_alpha=64, target_modules=["q_proj", "v_proj"], use_rslora=True),
+}
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_any_rank_and_targets_in_one_batch_with_default_flags(architecture: str, tmp_path: Path) -> None:
+    """Ranks 1 to 128 with different target sets, plus base rows, in one batch of an engine started with default
+    LoRA flags; each row equals PEFT for its adapter alone, and each layer holds only the ranks targeting it."""
+    base_dir = save_tiny_model(tiny_config(architecture), tmp_path / "base")
+    adapters = {name: save_random_adapter(base_dir, tmp_path / name, seed, **options)
+                for seed, (name, options) in enumerate(ANY_RANK.items())}
+    llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu"))
+    names = [*adapters, None, "r128-qv"]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    refs = [AdapterRef(str(adapters[n]), "local") if n else None for n in names]
+    results = llm.generate(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True), refs)
+    for name, prompt, result in zip(names, prompts, results):
+        tokens, logprobs = peft_reference(base_dir, adapters[name] if name else None,
+                                          llm.engine.tokenizer.encode(prompt), 6)
+        assert result.token_ids == tokens, name
+        assert [t.logprob for t in result.tokens] == pytest.approx(logprobs, abs=1e-4), name
+    model = llm.engine.core.runner.model
+    layer = model.model.layers[0]
+    # q holds r1 + r32 + r64 + r128 rows, gate r8 + r32 + r64, down r8 + r32 + the pattern's 4: nothing else
+    assert layer.self_attn.q_proj.lora.used_rows == 1 + 32 + 64 + 128
+    assert layer.mlp.gate_proj.lora.used_rows == 8 + 32 + 64
+    assert layer.mlp.down_proj.lora.used_rows == 8 + 32 + 4
+
+
 def test_fused_projections_take_lora_as_peft_applies_it(tmp_path: Path) -> None:
     """Phi-3 stores q/k/v and gate/up fused (`qkv_proj`, `gate_up_proj`); PEFT targets the fused modules as they are."""
     base_dir = save_tiny_model(tiny_config("phi3"), tmp_path / "base")

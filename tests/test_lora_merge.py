@@ -88,7 +88,7 @@ def test_generation_with_a_merge_equals_peft(fleet: tuple[Path, dict[str, Path]]
     """Through the engine, in one batch with a plain adapter and a base row: the merged rows equal PEFT's."""
     base, adapters = fleet
     spec = MergeSpec((str(adapters["a"]), str(adapters["c"])), (0.6, 0.9), "ties", density=0.5)
-    llm = LLM(EngineConfig(model_id=str(base), dtype="float32", device="cpu", max_active_adapters=4, max_lora_rank=8))
+    llm = LLM(EngineConfig(model_id=str(base), dtype="float32", device="cpu", max_active_adapters=4))
     refs = [AdapterRef.merged(spec, "local"), AdapterRef(str(adapters["b"]), "local"), None,
             AdapterRef.merged(spec, "local")]
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[1]]
@@ -102,7 +102,7 @@ def test_generation_with_a_merge_equals_peft(fleet: tuple[Path, dict[str, Path]]
             out = peft_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         assert results[index].token_ids == out[0, ids.shape[1]:].tolist()
     assert results[3].token_ids != results[2].token_ids  # the merge really changes the base model's output
-    assert len(llm.engine.lora.host.entries()) == 4  # a, b, c and one merge, shared by both merged requests
+    assert len(llm.engine.adapters.host.entries()) == 4  # a, b, c and one merge, shared by both merged requests
 
 
 def _pad_adapter(source: Path, target: Path, rank: int) -> Path:

@@ -101,10 +101,10 @@ def test_adapter_inventory_preload_and_unload(dirs: tuple[Path, Path], tmp_path:
         with running_server(args, tmp_path / "server.log", env=env) as url:
             assert _get_json(url + "/adapters")["adapters"] == []
             status, reply = post_json(url + "/adapters/preload", {"adapter_id": "acme/public-lora"})
-            assert status == 200 and reply["tier"] == "active", reply
+            assert status == 200 and reply["tier"] == "device", reply
             [info] = _get_json(url + "/adapters")["adapters"]
             assert (info["adapter_id"], info["source"], info["tier"], info["rank"]) == ("acme/public-lora", "hub",
-                                                                                       "active", 8)
+                                                                                       "device", 8)
             hub_requests = len(hub.requests)
             body = {"inputs": "Paris is", "parameters": {"max_new_tokens": 4, "adapter_id": "acme/public-lora"}}
             assert post_json(url + "/generate", body)[0] == 200

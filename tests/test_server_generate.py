@@ -103,7 +103,7 @@ def test_metrics_are_prometheus_text_and_count_requests(server: str) -> None:
     for name in ("loraserve:num_requests_running", "loraserve:num_requests_waiting", "loraserve:kv_cache_usage_perc",
                  "loraserve:e2e_request_latency_seconds", "loraserve:request_success", "loraserve:lora_requests_info",
                  "loraserve:request_queue_time_seconds", "loraserve:request_inference_time_seconds",
-                 "loraserve:adapter_host_loads", "loraserve:adapter_slot_evictions", "loraserve:adapter_slots_in_use"):
+                 "loraserve:adapter_host_loads", "loraserve:adapter_device_evictions", "loraserve:adapters_on_device"):
         assert name in families, name
     queue = families["loraserve:request_queue_time_seconds"]
     assert sum(s.value for s in queue.samples if s.name.endswith("_count")) >= 1

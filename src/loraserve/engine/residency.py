@@ -18,6 +18,7 @@ Device writes happen on the step loop between steps, so a forward never reads a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -186,16 +187,16 @@ class AdapterResidency:
         return self.host.remove(key) or bool(resident)
 
     def resident(self) -> list[AdapterInfo]:
-        """The device and host tiers (cheap: call it between steps)."""
-        known: dict[AdapterKey, AdapterInfo] = {}
+        """The device and host tiers, one entry per version held, most recently used last (cheap: call it between
+        steps). An old version stays on the device, unused, until it is evicted."""
+        known: dict[tuple[AdapterKey, str], AdapterInfo] = {}
         for entry in self.host.entries():
-            known[entry.key] = AdapterInfo(entry.key.adapter_id, entry.key.source, "host", entry.version,
-                                           entry.adapter.max_rank, entry.nbytes)
+            known[(entry.key, entry.version)] = AdapterInfo(entry.key.adapter_id, entry.key.source, "host",
+                                                            entry.version, entry.adapter.max_rank, entry.nbytes)
         for d in self._device.values():
-            known[d.key] = AdapterInfo(d.key.adapter_id, d.key.source, "device", d.version, d.rank, d.nbytes,
-                                       d.slot, d.users)
-        return [AdapterInfo(**{**info.__dict__, "names": tuple(self.names.names_of(key))})
-                for key, info in known.items()]
+            known[(d.key, d.version)] = AdapterInfo(d.key.adapter_id, d.key.source, "device", d.version, d.rank,
+                                                    d.nbytes, d.slot, d.users)
+        return [dataclasses.replace(info, names=tuple(self.names.names_of(key))) for (key, _), info in known.items()]
 
     def on_disk(self) -> list[AdapterInfo]:
         """Adapters downloaded into the cache folder (blocking disk scan: call it off the step loop)."""
