@@ -31,16 +31,25 @@ from safetensors.torch import save_file
 from results_file import machine, replace_section
 from weights import linear_bytes
 
+from loraserve.adapters.registry import AdapterKey
 from loraserve.config import EngineConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import Engine
 from loraserve.engine.llm import collect
 from loraserve.engine.request import AdapterRef
+from loraserve.layers.linear import Linear
 from loraserve.sampling.params import SamplingParams
 
 HERE = Path(__file__).parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HEADING = "## Multi-LoRA throughput, default model"
+
+
+def decoder_projections(engine: Engine, targets: list[str] = TARGETS) -> dict[str, tuple[int, int]]:
+    """(in, out) of every decoder projection named in `targets`, by module name."""
+    return {name: (module.in_features, module.out_features)
+            for name, module in engine.core.runner.model.named_modules()
+            if isinstance(module, Linear) and name != "lm_head" and name.rsplit(".", 1)[-1] in targets}
 
 
 def write_adapter(path: Path, projections: dict[str, tuple[int, int]], rank: int, seed: int) -> None:
@@ -52,8 +61,9 @@ def write_adapter(path: Path, projections: dict[str, tuple[int, int]], rank: int
         tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.02
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path / "adapter_model.safetensors")
+    targets = sorted({name.rsplit(".", 1)[-1] for name in projections})
     (path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": TARGETS}))
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets}))
 
 
 def alias_adapter(source: Path, path: Path) -> None:
@@ -131,8 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     engine = Engine.from_config(EngineConfig(dtype="bfloat16", max_active_adapters=args.concurrency,
                                              max_running_requests=args.concurrency))
-    projections = {name: (layer.in_features, layer.out_features) for name, layer in engine.lora.layers.items()
-                   if name.rsplit(".", 1)[-1] in TARGETS}
+    projections = decoder_projections(engine)
     root = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     real = max(max(args.adapters), 32)
     fleet = [root / f"adapter-{i}" for i in range(real)]
@@ -163,12 +172,13 @@ def main() -> None:
     cold_load_ms = []
     for path in extra_cold[:3]:
         start = time.perf_counter()
-        engine.lora.host.get(str(path), "local", None)
+        engine.adapters.host.get(AdapterKey("local", str(path)), None)
         cold_load_ms.append((time.perf_counter() - start) * 1e3)
     base_ttft = statistics.median(time_to_first_token(engine, None) for _ in range(5)) * 1e3
     cold_ttft = statistics.median(time_to_first_token(engine, path) for path in extra_cold[3:]) * 1e3
     print(("ttft base / cold", base_ttft, cold_ttft), flush=True)
-    traffic = StepTraffic(sum(linear_bytes(engine).values()), engine.lora.host.get(str(fleet[0]), "local", None).nbytes)
+    traffic = StepTraffic(sum(linear_bytes(engine).values()),
+                          engine.adapters.host.get(AdapterKey("local", str(fleet[0])), None).nbytes)
     write_results(args, rows, one_adapter, rotating, statistics.median(cold_load_ms), base_ttft, cold_ttft, traffic)
 
 
@@ -197,7 +207,8 @@ def write_results(args: argparse.Namespace, rows: list[tuple[str, float]], one_a
         "- Command: `.venv/bin/python benchmarks/lora_throughput.py`",
         f"- Workload: up to {args.concurrency} requests running at once, {args.new_tokens} new tokens each (EOS "
         "ignored), greedy, bf16, prompts of about 12 tokens (their prefill is included); rank-16 adapters on all "
-        f"seven projections of all 18 layers, round-robin over the requests; {args.concurrency} LoRA slots.",
+        f"seven projections of all 18 layers, round-robin over the requests; at most {args.concurrency} adapters on the "
+        "device.",
         "",
         "| run | tok/s | ratio to base | memory-bound ceiling |",
         "|---|---|---|---|",
