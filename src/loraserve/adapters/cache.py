@@ -38,6 +38,18 @@ logger = logging.getLogger(__name__)
 _DIGEST_CHUNK = 1 << 20
 
 
+LOAD_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(frozen=True)
+class LoadTimes:
+    """How long loads into host memory took (read or download, validate): cumulative counts per upper bound."""
+
+    bucket_counts: tuple[int, ...]  # loads that took at most LOAD_SECONDS_BUCKETS[i] seconds, cumulative
+    count: int
+    total_seconds: float
+
+
 @dataclass(eq=False)
 class HostAdapter:
     """One adapter in host memory, at one version; `pins` counts the requests in flight that use it."""
@@ -90,6 +102,9 @@ class HostAdapterCache:
         self._loading: dict[AdapterKey, Future] = {}
         self._failures: dict[tuple[AdapterKey, str | None], tuple[LoraserveError, float]] = {}
         self._grants: dict[tuple[AdapterKey, str | None], float] = {}  # (hub adapter, token) -> when it reached it
+        self._load_buckets = [0] * len(LOAD_SECONDS_BUCKETS)
+        self._load_count = 0
+        self._load_seconds = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -99,6 +114,10 @@ class HostAdapterCache:
         """Every adapter in memory, least recently used first."""
         with self._lock:
             return list(self._entries.values())
+
+    def load_times(self) -> LoadTimes:
+        with self._lock:
+            return LoadTimes(tuple(self._load_buckets), self._load_count, self._load_seconds)
 
     def remove(self, key: AdapterKey) -> bool:
         """Drop an adapter from memory (its files stay on disk; requests holding it keep their copy); False if it
@@ -200,6 +219,7 @@ class HostAdapterCache:
                 future = self._loading[key] = Future()
         if not owner:
             return future.result()
+        started = time.perf_counter()
         try:
             entry = load()
         except BaseException as error:  # noqa: BLE001 - every waiter must hear how the load ended
@@ -214,9 +234,14 @@ class HostAdapterCache:
             if reported is error:
                 raise
             raise reported from error
+        elapsed = time.perf_counter() - started
         with self._lock:
             self._store(entry)
             del self._loading[key]
+            self._load_count += 1
+            self._load_seconds += elapsed
+            for i, bound in enumerate(LOAD_SECONDS_BUCKETS):
+                self._load_buckets[i] += elapsed <= bound
         future.set_result(entry)
         return entry
 

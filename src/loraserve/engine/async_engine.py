@@ -199,6 +199,11 @@ class AsyncEngine:
             raise AdapterNotFound(f"adapter {ref.adapter_id!r} is not loaded")
         return key
 
+    async def resident_adapters(self) -> list[AdapterInfo]:
+        """The device and host tiers, snapshotted between steps (cheap: no disk access)."""
+        residency = self.engine.adapters
+        return await self.run_between_steps(residency.resident) if residency.enabled else []
+
     async def list_adapters(self) -> list[AdapterInfo]:
         """Every adapter this server knows at its highest tier: the device and host tiers snapshotted between steps,
         the disk cache scanned in a worker thread (never on the step loop)."""
@@ -206,7 +211,7 @@ class AsyncEngine:
         if not residency.enabled:
             return []
         on_disk = await asyncio.to_thread(residency.on_disk)
-        resident = await self.run_between_steps(residency.resident)
+        resident = await self.resident_adapters()
         known = {(info.source, info.adapter_id): info for info in on_disk}
         known.update({(info.source, info.adapter_id): info for info in resident})
         for name, key in residency.names.items():

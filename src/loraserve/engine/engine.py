@@ -135,7 +135,7 @@ class Engine:
             waiting_adapters=adapter_names(list(scheduler.waiting)),
             adapters=AdapterCounters(host.loads, host.hits, host.evictions, adapters.device_loads,
                                      adapters.device_evictions, adapters.device_count, adapters.device_bytes,
-                                     adapters.layer_bytes, host.nbytes),
+                                     adapters.layer_bytes, host.nbytes, host.load_times()),
         )
 
     # -- requests -------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraserve.adapters.cache import LoadTimes
 from loraserve.engine.request import Request
 
 
@@ -42,6 +43,7 @@ class AdapterCounters:
     device_bytes: int  # their weights
     layer_bytes: int  # what the LoRA layers hold, free arena rows included
     host_bytes: int
+    load_times: LoadTimes
 
 
 @dataclass(frozen=True)

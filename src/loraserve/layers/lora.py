@@ -135,8 +135,9 @@ class ProjectionLoRA:
         return segmented_add_(y, x, self.a, self.b, batch, layer)
 
 
-class OutputLoRA:
-    """Attached to the lm_head: per slot A `[r, in]` and B transposed `[r, vocab]` (scale folded in)."""
+class _BlockPerAdapter:
+    """A pair of tensors per slot, laid out by the subclass's `place`: for the vocabulary-sized layers, where an
+    adapter's block is large and only its own rows ever read it."""
 
     def __init__(self) -> None:
         self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -145,11 +146,15 @@ class OutputLoRA:
     def nbytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
-    def place(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.weights[slot] = (a.clone(), b.T.contiguous())
-
     def remove(self, slot: int) -> None:
         self.weights.pop(slot, None)
+
+
+class OutputLoRA(_BlockPerAdapter):
+    """Attached to the lm_head: per slot A `[r, in]` and B transposed `[r, vocab]` (scale folded in)."""
+
+    def place(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.weights[slot] = (a.clone(), b.T.contiguous())
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = get_forward_context().lora
@@ -164,25 +169,15 @@ class OutputLoRA:
         return y
 
 
-class EmbeddingLoRA:
+class EmbeddingLoRA(_BlockPerAdapter):
     """Attached to the token embedding: per slot A transposed `[vocab, r]` and B `[hidden, r]`.
 
     A token's row of A is what multiplying A by its one-hot input selects, so each segment gathers its tokens' rows
     and runs one matmul with its B.
     """
 
-    def __init__(self) -> None:
-        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
-
     def place(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         self.weights[slot] = (a.T.contiguous(), b.clone())
-
-    def remove(self, slot: int) -> None:
-        self.weights.pop(slot, None)
 
     def add_delta(self, token_ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch: LoRABatch | None = get_forward_context().lora

@@ -1,8 +1,20 @@
-"""Prometheus metrics with vLLM's names, units and buckets under our prefix, plus per-adapter series.
+"""Prometheus metrics with vLLM's names, units and buckets under our prefix, plus per-adapter series; and the gauges
+llm-d's endpoint picker, KServe and GKE's inference gateway score pods by, under vLLM's own names.
 
 Request timings are observed on the output stream each route returns (time to first token, time per output token,
-end to end); engine state (running and waiting requests, KV use, preemptions, adapter slots) is read at scrape time,
-so the step loop never touches the registry.
+end to end); engine state (running and waiting requests, KV use, preemptions, adapter residency) is read at scrape
+time, so the step loop never touches the registry.
+
+The `vllm:` family, always served beside ours, with vLLM's types and meanings:
+- `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (0-1) per `model_name`;
+- `vllm:cache_config_info{block_size,num_gpu_blocks}` = 1 (KV blocks of this server, whatever the device);
+- `vllm:lora_requests_info{max_lora,running_lora_adapters,waiting_lora_adapters}` = the scrape time; the two sets
+  are the adapters of running and of waiting requests, each request in exactly one (vLLM's own can overlap);
+- `vllm:lora_adapter_loaded{adapter_name,level,pinned,rank}` = 1 per resident adapter and tier: level `gpu` is our
+  device tier (the model's LoRA layers, on the CPU too), `cpu` our host-memory tier; pinned `true` while requests use
+  it on the device;
+- `vllm:num_gpu_loaded_lora_adapters`, `vllm:max_gpu_lora_adapters` (our device tier and its count cap);
+- `vllm:lora_adapter_load_seconds`, a histogram of loads into host memory (read or download and validation).
 """
 
 from __future__ import annotations
@@ -10,13 +22,15 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from loraserve.engine.api import AsyncEngine, EngineStats, RequestOutput
+from loraserve.adapters.cache import LOAD_SECONDS_BUCKETS
+from loraserve.engine.api import AdapterInfo, AsyncEngine, EngineInfo, EngineStats, RequestOutput
 
 PREFIX = "loraserve:"
+VLLM_PREFIX = "vllm:"
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
@@ -26,36 +40,45 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 
 class _EngineState(Collector):
-    """Gauges and counters read from the engine's stats snapshot at scrape time."""
+    """Gauges and counters read from the engine's stats snapshot at scrape time, and the residency snapshot the
+    scrape took just before (`Metrics.exposition`)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.resident: list[AdapterInfo] = []
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         stats, info = self.engine.stats(), self.engine.info()
         name = info.model_name
-        for metric, value, text in (
-            ("num_requests_running", stats.num_running, "Requests in the running batch."),
-            ("num_requests_waiting", stats.num_waiting, "Requests waiting to be scheduled."),
-            ("kv_cache_usage_perc", stats.kv_cache_usage, "Share of KV blocks in use."),
-        ):
-            gauge = GaugeMetricFamily(PREFIX + metric, text, labels=["model_name"])
-            gauge.add_metric([name], value)
-            yield gauge
+        for prefix in (PREFIX, VLLM_PREFIX):
+            for metric, value, text in (
+                ("num_requests_running", stats.num_running, "Requests in the running batch."),
+                ("num_requests_waiting", stats.num_waiting, "Requests waiting to be scheduled."),
+                ("kv_cache_usage_perc", stats.kv_cache_usage, "Share of KV blocks in use (1 = full)."),
+            ):
+                gauge = GaugeMetricFamily(prefix + metric, text, labels=["model_name"])
+                gauge.add_metric([name], value)
+                yield gauge
         preemptions = CounterMetricFamily(PREFIX + "num_preemptions", "Preemptions (recompute).", labels=["model_name"])
         preemptions.add_metric([name], stats.num_preemptions)
         yield preemptions
+        cache = GaugeMetricFamily(VLLM_PREFIX + "cache_config_info", "KV cache configuration.",
+                                  labels=["block_size", "num_gpu_blocks"])
+        cache.add_metric([str(info.block_size), str(info.num_kv_blocks)], 1.0)
+        yield cache
         if info.lora_enabled:
-            yield from _adapter_metrics(stats, info.max_adapters)
+            yield from _adapter_metrics(stats, info)
+            yield from _vllm_residency(stats, info, self.resident)
 
 
-def _adapter_metrics(stats: EngineStats, max_adapters: int) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-    """vLLM's `lora_requests_info` (gateways route by it), and the adapter tiers' counters."""
-    info = GaugeMetricFamily(PREFIX + "lora_requests_info", "Adapters of running and waiting requests.",
-                             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-    info.add_metric([str(max_adapters), ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)],
-                    time.time())
-    yield info
+def _adapter_metrics(stats: EngineStats, info: EngineInfo) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """vLLM's `lora_requests_info` (gateways route by it) under both prefixes, and the adapter tiers' counters."""
+    for prefix in (PREFIX, VLLM_PREFIX):
+        requests = GaugeMetricFamily(prefix + "lora_requests_info", "Adapters of running and waiting requests.",
+                                     labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        requests.add_metric([str(info.max_adapters), ",".join(stats.running_adapters),
+                             ",".join(stats.waiting_adapters)], time.time())
+        yield requests
     counters = stats.adapters
     for metric, value, text in (
         ("adapter_host_loads", counters.host_loads, "Adapters read from disk or downloaded into host memory."),
@@ -75,6 +98,31 @@ def _adapter_metrics(stats: EngineStats, max_adapters: int) -> Iterator[GaugeMet
         gauge = GaugeMetricFamily(PREFIX + metric, text)
         gauge.add_metric([], value)
         yield gauge
+
+
+def _vllm_residency(stats: EngineStats, info: EngineInfo, resident: list[AdapterInfo]) -> Iterator[
+        GaugeMetricFamily | HistogramMetricFamily]:
+    """vLLM's residency family (see the module docstring for how our tiers map onto its levels)."""
+    loaded = GaugeMetricFamily(VLLM_PREFIX + "lora_adapter_loaded", "Adapters resident, per tier.",
+                               labels=["adapter_name", "level", "pinned", "rank"])
+    for adapter in resident:
+        level = "gpu" if adapter.tier == "device" else "cpu"
+        for adapter_name in adapter.names or (adapter.adapter_id,):
+            loaded.add_metric([adapter_name, level, str(adapter.requests > 0).lower(), str(adapter.rank)], 1.0)
+    yield loaded
+    for metric, value, text in (
+        ("num_gpu_loaded_lora_adapters", stats.adapters.device_adapters, "Adapters in the device tier."),
+        ("max_gpu_lora_adapters", info.max_adapters, "Most adapters the device tier holds at once."),
+    ):
+        gauge = GaugeMetricFamily(VLLM_PREFIX + metric, text)
+        gauge.add_metric([], value)
+        yield gauge
+    times = stats.adapters.load_times
+    buckets = [(str(bound), count) for bound, count in zip(LOAD_SECONDS_BUCKETS, times.bucket_counts)]
+    histogram = HistogramMetricFamily(VLLM_PREFIX + "lora_adapter_load_seconds", "Time to load an adapter into "
+                                      "host memory (read or download, validate).")
+    histogram.add_metric([], buckets + [("+Inf", times.count)], sum_value=times.total_seconds)
+    yield histogram
 
 
 class Metrics:
@@ -98,7 +146,14 @@ class Metrics:
                                          registry=self.registry)
         self.success = Counter(PREFIX + "request_success", "Finished requests.", labels + ["finished_reason"],
                                registry=self.registry)
-        self.registry.register(_EngineState(engine))
+        self._state = _EngineState(engine)
+        self.registry.register(self._state)
+
+    def exposition(self, resident: list[AdapterInfo]) -> bytes:
+        """The registry as Prometheus text, with `resident` (a residency snapshot the caller took) for the vLLM
+        residency family."""
+        self._state.resident = resident
+        return generate_latest(self.registry)
 
     async def observed(self, outputs: AsyncIterator[RequestOutput], adapter: str) -> AsyncIterator[RequestOutput]:
         """Pass `outputs` through, recording the request's timings and token counts when it finishes."""

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 
 from loraserve.engine.api import AdapterRef, AsyncEngine, Completion, RequestOutput, TokenInfo, collect
@@ -199,7 +199,8 @@ def _details(completion: Completion, seed: int | None, prefill: list[PrefillToke
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    resident = await _engine(request).resident_adapters()
+    return Response(request.app.state.metrics.exposition(resident), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health")
