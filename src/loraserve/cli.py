@@ -39,6 +39,7 @@ _SERVER_FLAGS = {
     "hostname": "address to bind (default 127.0.0.1)",
     "port": "port to bind (default 3000)",
     "max_concurrent_requests": "requests in flight before answering 429",
+    "otlp_endpoint": "OTLP/HTTP collector URL (e.g. http://collector:4318): export a trace per request",
 }
 
 

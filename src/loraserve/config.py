@@ -149,8 +149,11 @@ class ServerConfig:
     hostname: str = "127.0.0.1"
     port: int = 3000  # LoRAX's launcher default
     max_concurrent_requests: int = 128  # requests in flight before the server answers 429
+    otlp_endpoint: str | None = None  # an OTLP/HTTP collector (e.g. http://collector:4318): spans per request
 
     def __post_init__(self) -> None:
+        if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"otlp_endpoint must be an http(s) URL, got {self.otlp_endpoint!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_concurrent_requests < 1:
@@ -188,6 +191,7 @@ FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "hostname": ("LORASERVE_HOSTNAME", str),
     "port": ("PORT", int),
     "max_concurrent_requests": ("MAX_CONCURRENT_REQUESTS", int),
+    "otlp_endpoint": ("OTLP_ENDPOINT", str),
 }
 
 

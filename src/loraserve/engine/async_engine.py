@@ -114,6 +114,7 @@ class AsyncEngine:
             # Off the step loop: other requests keep decoding while this adapter is read or downloaded. It is pinned
             # when the loop adds the request, so a client gone meanwhile leaves no pin behind.
             adapter = await asyncio.to_thread(self.engine.adapters.prepare, request.adapter)
+            request.timings.adapter_ready = time.monotonic()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._send("add", (request, stream, adapter))
         request_id = request.request_id

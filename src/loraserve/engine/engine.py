@@ -178,7 +178,10 @@ class Engine:
         now if not given: its errors raise here; `AsyncEngine` has already prepared it off the loop). The adapter is
         put on the device at admission."""
         if request.adapter is not None:
-            self.adapters.pin(request, adapter if adapter is not None else self.adapters.prepare(request.adapter))
+            if adapter is None:
+                adapter = self.adapters.prepare(request.adapter)
+                request.timings.adapter_ready = time.monotonic()
+            self.adapters.pin(request, adapter)
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             request.prompt_token_ids,

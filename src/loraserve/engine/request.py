@@ -46,6 +46,7 @@ class RequestTimings:
     """Monotonic timestamps (seconds) of a request's life, for metrics and the `x-*` response headers."""
 
     arrival: float = field(default_factory=time.monotonic)  # made (validated and tokenized)
+    adapter_ready: float | None = None  # its adapter was host-resident (read or downloaded), if it has one
     first_scheduled: float | None = None  # its first chunk ran: the end of its queueing
     first_token: float | None = None
     finished: float | None = None

@@ -23,6 +23,7 @@ from loraserve.engine.api import AsyncEngine
 from loraserve.server.admission import ConcurrencyLimit
 from loraserve.server.errors import error_body, install_error_handlers
 from loraserve.server.metrics import Metrics
+from loraserve.server.tracing import RequestTracer
 from loraserve.server.inventory import router as inventory_router
 from loraserve.server.inventory import vllm_router as vllm_adapters_router
 from loraserve.server.lorax.routes import router as lorax_router
@@ -64,7 +65,7 @@ def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfi
         except BaseException:  # noqa: BLE001 - whatever stops the load, the process must not hang half-started
             logger.exception("loading the model failed")
             os._exit(1)
-        app.state.metrics = Metrics(engine)
+        app.state.metrics = Metrics(engine, RequestTracer(server_config.otlp_endpoint, engine.info().model_name))
         start_engine(engine)
         app.state.engine = engine
 
@@ -77,6 +78,7 @@ def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfi
         finally:
             if app.state.engine is not None:
                 app.state.engine.shutdown()
+                app.state.metrics.tracer.shutdown()
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.engine = None

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from loraserve.adapters.cache import LOAD_SECONDS_BUCKETS
 from loraserve.engine.api import AdapterInfo, AsyncEngine, EngineInfo, EngineStats, RequestOutput
+from loraserve.server.tracing import RequestTracer
 
 PREFIX = "loraserve:"
 VLLM_PREFIX = "vllm:"
@@ -126,8 +127,11 @@ def _vllm_residency(stats: EngineStats, info: EngineInfo, resident: list[Adapter
 
 
 class Metrics:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """Every request's observations: Prometheus series, and its trace where tracing is on."""
+
+    def __init__(self, engine: AsyncEngine, tracer: RequestTracer) -> None:
         self.registry = CollectorRegistry()
+        self.tracer = tracer
         self.model_name = engine.info().model_name
         labels = ["model_name", "adapter"]
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.", labels,
@@ -156,7 +160,8 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def observed(self, outputs: AsyncIterator[RequestOutput], adapter: str) -> AsyncIterator[RequestOutput]:
-        """Pass `outputs` through, recording the request's timings and token counts when it finishes."""
+        """Pass `outputs` through, recording the request's timings and token counts (and its trace) when it
+        finishes."""
         labels = (self.model_name, adapter)
         start = time.monotonic()
         first: float | None = None
@@ -190,4 +195,5 @@ class Metrics:
         self.generation_tokens.labels(*labels).inc(output.generated_tokens)
         reason = output.finish_reason.value if output.finish_reason else "unknown"
         self.success.labels(*labels, reason).inc()
+        self.tracer.record(output, labels[1])
         return first
