@@ -40,10 +40,13 @@ _SERVER_FLAGS = {
     "port": "port to bind (default 3000)",
     "max_concurrent_requests": "requests in flight before answering 429",
     "otlp_endpoint": "OTLP/HTTP collector URL (e.g. http://collector:4318): export a trace per request",
+    "api_key": "an API key callers must send as Authorization: Bearer (repeatable; env: comma-separated)",
+    "api_keys_file": "JSON file of keys with their tenant and the adapters/sources each may use",
+    "metrics_require_key": "true: /metrics needs an API key too (default: open to scrapers)",
 }
 
 
-_LIST_FLAGS = {"lora_modules"}  # take several values, as vLLM's flag does
+_LIST_FLAGS = {"lora_modules", "api_key"}  # take several values, as vLLM's flag does
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:

@@ -150,6 +150,9 @@ class ServerConfig:
     port: int = 3000  # LoRAX's launcher default
     max_concurrent_requests: int = 128  # requests in flight before the server answers 429
     otlp_endpoint: str | None = None  # an OTLP/HTTP collector (e.g. http://collector:4318): spans per request
+    api_key: tuple[str, ...] = ()  # keys every caller must present (see server/auth.py); none = open
+    api_keys_file: Path | None = None  # JSON: keys with their tenant and the adapters and sources each may use
+    metrics_require_key: bool = False  # /metrics needs a key too (it is open by default, for scrapers)
 
     def __post_init__(self) -> None:
         if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(("http://", "https://")):
@@ -158,6 +161,11 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_concurrent_requests < 1:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
+        self.api_key = tuple(self.api_key)
+        if any(not key.strip() for key in self.api_key):
+            raise ValueError("an API key must not be empty")
+        if self.api_keys_file is not None:
+            self.api_keys_file = Path(self.api_keys_file)
 
 
 def _flag_bool(raw: str) -> bool:
@@ -192,6 +200,9 @@ FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "port": ("PORT", int),
     "max_concurrent_requests": ("MAX_CONCURRENT_REQUESTS", int),
     "otlp_endpoint": ("OTLP_ENDPOINT", str),
+    "api_key": ("LORASERVE_API_KEY", lambda raw: tuple(k.strip() for k in raw.split(",") if k.strip())),
+    "api_keys_file": ("LORASERVE_API_KEYS_FILE", Path),
+    "metrics_require_key": ("LORASERVE_METRICS_REQUIRE_KEY", _flag_bool),
 }
 
 

@@ -148,11 +148,11 @@ class AsyncEngine:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 
-    def lent_token(self) -> str | None:
+    def lent_token(self, always: bool = False) -> str | None:
         """The server's own Hub token, for adapter downloads of requests that bring none, where the operator lends
-        it (LORAX_USE_GLOBAL_HF_TOKEN); else None."""
+        it (LORAX_USE_GLOBAL_HF_TOKEN, or `always`: callers authenticated by API keys); else None."""
         config = self.engine.config
-        return config.hf_token if config.adapter_uses_server_token else None
+        return config.hf_token if always or config.adapter_uses_server_token else None
 
     def info(self) -> EngineInfo:
         return self.engine.info()

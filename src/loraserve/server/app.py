@@ -21,6 +21,7 @@ from loraserve import __version__
 from loraserve.config import EngineConfig, ServerConfig
 from loraserve.engine.api import AsyncEngine
 from loraserve.server.admission import ConcurrencyLimit
+from loraserve.server.auth import KeyGate, KeyRing
 from loraserve.server.errors import error_body, install_error_handlers
 from loraserve.server.metrics import Metrics
 from loraserve.server.tracing import RequestTracer
@@ -85,7 +86,9 @@ def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfi
     app.state.server_config = server_config
     app.state.admission = ConcurrencyLimit(server_config.max_concurrent_requests)
 
+    app.state.keys = KeyRing.from_config(server_config.api_key, server_config.api_keys_file)
     app.add_middleware(_ReadyGate, state=app.state)
+    app.add_middleware(KeyGate, keys=app.state.keys, metrics_open=not server_config.metrics_require_key)
     install_error_handlers(app)
     app.include_router(lorax_router)
     app.include_router(openai_router)

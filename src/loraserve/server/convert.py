@@ -10,19 +10,8 @@ from loraserve.server.lorax.schemas import GenerateParameters
 from loraserve.server.response_format import grammar_for
 
 
-def request_token(api_token: str | None, authorization: str | None, server_token: str | None) -> str | None:
-    """The one token used for every Hub call a request causes: its own `api_token`, else its `Authorization: Bearer`
-    header, else the server's HF_TOKEN where the server lends it (LoRAX drops the header: its issue 541)."""
-    if api_token is None and authorization and authorization.lower().startswith("bearer "):
-        api_token = authorization[7:].strip() or None
-    return api_token or server_token
-
-
-def adapter_from_lorax(
-    parameters: GenerateParameters, authorization: str | None, server_token: str | None, default_source: str
-) -> AdapterRef | None:
-    """The request's adapter, with its token (`request_token`); `default_source` where it names none."""
-    token = request_token(parameters.api_token, authorization, server_token)
+def adapter_from_lorax(parameters: GenerateParameters, token: str | None, default_source: str) -> AdapterRef | None:
+    """The request's adapter, with its Hub token (`auth.hub_token`); `default_source` where it names none."""
     source = parameters.adapter_source or default_source
     merge = parameters.merged_adapters
     if merge is not None:

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from loraserve.engine.api import AdapterRef, AsyncEngine
 from loraserve.errors import InvalidRequest
-from loraserve.server.convert import request_token
+from loraserve.server.auth import check_adapter, hub_token, visible
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 vllm_router = APIRouter(prefix="/v1", tags=["adapters"])
@@ -54,8 +54,9 @@ def _engine(request: Request) -> AsyncEngine:
 
 
 def _ref(engine: AsyncEngine, body: AdapterRequest, request: Request) -> AdapterRef:
-    token = request_token(body.api_token, request.headers.get("authorization"), engine.lent_token())
-    return AdapterRef(body.adapter_id, body.adapter_source or engine.info().adapter_source, token)
+    ref = AdapterRef(body.adapter_id, body.adapter_source or engine.info().adapter_source,
+                     hub_token(request, body.api_token))
+    return check_adapter(request, ref)
 
 
 @router.get("")
@@ -64,7 +65,7 @@ async def list_adapters(request: Request) -> dict:
     adapters = await engine.list_adapters()
     stats, info = engine.stats().adapters, engine.info()
     return {
-        "adapters": [dataclasses.asdict(a) for a in adapters],
+        "adapters": [dataclasses.asdict(a) for a in adapters if visible(request, a)],
         "device_adapters": stats.device_adapters,
         "max_device_adapters": info.max_adapters,
         "device_bytes": stats.device_bytes,
@@ -105,7 +106,9 @@ def _source_of(path: str, default: str) -> str:
 async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> PlainTextResponse | JSONResponse:
     engine = _engine(request)
     source = body.source or _source_of(body.lora_path, engine.info().adapter_source)
-    token = request_token(None, request.headers.get("authorization"), engine.lent_token())
+    check_adapter(request, AdapterRef(body.lora_name, source))
+    check_adapter(request, AdapterRef(body.lora_path, source))
+    token = hub_token(request, None)
     registered = {name for info in await engine.list_adapters() for name in info.names}
     if body.lora_name in registered and not body.load_inplace:
         message = f"The lora adapter '{body.lora_name}' has already been loaded."
@@ -118,6 +121,6 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> PlainTex
 @vllm_router.post("/unload_lora_adapter", response_class=PlainTextResponse)
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> PlainTextResponse:
     engine = _engine(request)
-    await engine.unload_adapter(AdapterRef(body.lora_name, engine.info().adapter_source))
+    await engine.unload_adapter(check_adapter(request, AdapterRef(body.lora_name, engine.info().adapter_source)))
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

@@ -13,6 +13,7 @@ from starlette.background import BackgroundTask
 
 from loraserve.engine.api import AdapterRef, AsyncEngine, Completion, RequestOutput, TokenInfo, collect
 from loraserve.errors import LoraserveError
+from loraserve.server.auth import check_adapter, hub_token
 from loraserve.server.convert import adapter_from_lorax, sampling_params_from_lorax
 from loraserve.server.errors import error_body, status_for
 from loraserve.server.lorax.schemas import (
@@ -44,9 +45,9 @@ def _label(adapter: AdapterRef | None) -> str:
 
 
 def _adapter(body: GenerateRequest, request: Request) -> AdapterRef | None:
-    engine = _engine(request)
-    return adapter_from_lorax(body.parameters, request.headers.get("authorization"), engine.lent_token(),
-                              engine.info().adapter_source)
+    token = hub_token(request, body.parameters.api_token)
+    ref = adapter_from_lorax(body.parameters, token, _engine(request).info().adapter_source)
+    return check_adapter(request, ref)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=_ERRORS)

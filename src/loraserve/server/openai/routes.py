@@ -21,7 +21,7 @@ from loraserve.engine.api import AdapterRef, AsyncEngine, FinishReason, RequestO
 from loraserve.engine.api import Completion as EngineCompletion
 from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
-from loraserve.server.convert import request_token
+from loraserve.server.auth import check_adapter, hub_token, visible
 from loraserve.server.errors import status_for
 from loraserve.server.response_format import grammar_for
 from loraserve.server.openai.schemas import (
@@ -61,6 +61,8 @@ async def models(request: Request) -> dict:
     entries = [{"id": base, "object": "model", "created": created, "owned_by": "loraserve", "root": base,
                 "parent": None}]
     for info in await engine.list_adapters():
+        if not visible(request, info):
+            continue
         for model_id in info.names or (info.adapter_id,):
             entries.append({"id": model_id, "object": "model", "created": created, "owned_by": "loraserve",
                             "root": info.adapter_id, "parent": base, "source": info.source, "tier": info.tier})
@@ -108,8 +110,8 @@ def _adapter(body: SamplingFields, request: Request) -> AdapterRef | None:
     info = engine.info()
     if body.model in ("", info.model_name):
         return None
-    token = request_token(body.api_token, request.headers.get("authorization"), engine.lent_token())
-    return AdapterRef(body.model, body.adapter_source or info.adapter_source, token)
+    token = hub_token(request, body.api_token)
+    return check_adapter(request, AdapterRef(body.model, body.adapter_source or info.adapter_source, token))
 
 
 async def _serve(request: Request, body: SamplingFields, prompt: str | list[int], params: SamplingParams,
