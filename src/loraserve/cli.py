@@ -43,6 +43,8 @@ _SERVER_FLAGS = {
     "api_key": "an API key callers must send as Authorization: Bearer (repeatable; env: comma-separated)",
     "api_keys_file": "JSON file of keys with their tenant and the adapters/sources each may use",
     "metrics_require_key": "true: /metrics needs an API key too (default: open to scrapers)",
+    "shutdown_timeout": "seconds SIGTERM lets accepted requests finish (503 to new ones) before ending them "
+                        "with an error (default 30)",
 }
 
 

@@ -37,5 +37,9 @@ class AdapterLoadError(LoraserveError):
     """The adapter exists but cannot serve this base model: corrupt files, unsupported features or mismatched shapes."""
 
 
+class ClientGone(LoraserveError):
+    """The client disconnected; its request was aborted and no reply can reach it."""
+
+
 class AdapterInUse(LoraserveError):
     """An adapter cannot be unloaded while requests in flight read it."""

@@ -35,7 +35,8 @@ _ALWAYS_SERVED = {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}  
 
 
 class _ReadyGate:
-    """503 for every route that needs the model while it loads. Plain ASGI: Starlette's `BaseHTTPMiddleware` would
+    """503 for every route that needs the model while it loads, and for every new request while the server drains
+    (`/health` included, so a load balancer stops sending). Plain ASGI: Starlette's `BaseHTTPMiddleware` would
     wrap every streamed response and hide client disconnects from the routes."""
 
     def __init__(self, app: ASGIApp, state: State) -> None:
@@ -43,10 +44,15 @@ class _ReadyGate:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.state.engine is None and scope["path"] not in _ALWAYS_SERVED:
-            response = JSONResponse(error_body("the model is still loading", "unhealthy"), status_code=503)
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["path"] not in _ALWAYS_SERVED:
+            message = None
+            if self.state.engine is None:
+                message = "the model is still loading"
+            elif self.state.draining and scope["path"] != "/metrics":
+                message = "the server is shutting down"
+            if message is not None:
+                await JSONResponse(error_body(message, "unhealthy"), status_code=503)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -83,6 +89,7 @@ def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfi
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.engine = None
+    app.state.draining = False
     app.state.server_config = server_config
     app.state.admission = ConcurrencyLimit(server_config.max_concurrent_requests)
 
@@ -98,12 +105,13 @@ def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfi
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    """Serve at once; the model loads in the background (503 until it is ready), then serve until interrupted.
+    """Serve at once; the model loads in the background (503 until it is ready), then serve until a signal.
 
     uvicorn runs in a thread and the engine's step loop on the main thread, where oneDNN's matmuls run fastest (see
-    `AsyncEngine.run`). SIGINT and SIGTERM stop both.
+    `AsyncEngine.run`). SIGINT or SIGTERM drains (`_drain_then_stop`); a second signal stops at once.
     """
     handoff: queue.Queue[AsyncEngine] = queue.Queue()
+    stopping, forced = threading.Event(), threading.Event()
 
     def hand_to_main_thread(engine: AsyncEngine) -> None:
         handoff.put(engine)
@@ -113,11 +121,11 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     app = build_app(lambda: AsyncEngine.from_config(engine_config), server_config, hand_to_main_thread)
     server = uvicorn.Server(uvicorn.Config(app, host=server_config.hostname, port=server_config.port,
                                            log_level="info"))
-    stopping = threading.Event()
 
     def stop(*_: object) -> None:
+        if stopping.is_set():
+            forced.set()
         stopping.set()
-        server.should_exit = True
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -128,15 +136,23 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
             engine = handoff.get(timeout=0.2)
         except queue.Empty:
             continue
-        threading.Thread(target=_stop_engine_when, args=(stopping, web, engine), daemon=True).start()
+        threading.Thread(target=_drain_then_stop, args=(app, engine, web, stopping, forced,
+                                                        server_config.shutdown_timeout), daemon=True).start()
         engine.run()
         break
-    stop()
+    server.should_exit = True
     web.join()
 
 
-def _stop_engine_when(stopping: threading.Event, web: threading.Thread, engine: AsyncEngine) -> None:
-    """End the main thread's step loop once a signal came or the HTTP server ended on its own."""
+def _drain_then_stop(app: FastAPI, engine: AsyncEngine, web: threading.Thread, stopping: threading.Event,
+                     forced: threading.Event, timeout: float) -> None:
+    """Once a signal came: answer 503 to new requests (and `/health`), let the accepted ones finish for up to
+    `timeout` seconds, then end the step loop: what still runs gets an explicit error, never a dropped connection."""
     while not stopping.is_set() and web.is_alive():
-        time.sleep(0.2)
+        time.sleep(0.1)
+    app.state.draining = True
+    logger.info("draining: %d request(s) in flight, up to %.0f s", app.state.admission.in_flight, timeout)
+    deadline = time.monotonic() + timeout
+    while app.state.admission.in_flight and time.monotonic() < deadline and not forced.is_set() and web.is_alive():
+        time.sleep(0.05)
     engine.shutdown()

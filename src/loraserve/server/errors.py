@@ -6,10 +6,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from loraserve.errors import AdapterInUse, AdapterNotFound, EngineDead, InvalidRequest, LoraserveError, Overloaded
+from loraserve.errors import (
+    AdapterInUse,
+    AdapterNotFound,
+    ClientGone,
+    EngineDead,
+    InvalidRequest,
+    LoraserveError,
+    Overloaded,
+)
 
 _STATUS: list[tuple[type[Exception], int, str]] = [
     (AdapterInUse, 409, "conflict"),
+    (ClientGone, 499, "client_closed_request"),  # nginx's code: nobody reads it
     (InvalidRequest, 422, "validation"),
     (Overloaded, 429, "overloaded"),
     (EngineDead, 503, "unhealthy"),

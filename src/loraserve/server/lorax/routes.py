@@ -15,6 +15,7 @@ from loraserve.engine.api import AdapterRef, AsyncEngine, Completion, RequestOut
 from loraserve.errors import LoraserveError
 from loraserve.server.auth import check_adapter, hub_token
 from loraserve.server.convert import adapter_from_lorax, sampling_params_from_lorax
+from loraserve.server.disconnect import unless_disconnected
 from loraserve.server.errors import error_body, status_for
 from loraserve.server.lorax.schemas import (
     AlternativeToken,
@@ -60,7 +61,8 @@ async def generate(body: GenerateRequest, request: Request, response: Response) 
     try:
         outputs = _engine(request).generate(body.inputs, params, adapter=adapter)
         validated = time.monotonic()
-        completion = await collect(request.app.state.metrics.observed(outputs, _label(adapter)))
+        completion = await unless_disconnected(
+            request, collect(request.app.state.metrics.observed(outputs, _label(adapter))))
     finally:
         release()
     text = body.inputs + completion.text if body.parameters.return_full_text else completion.text

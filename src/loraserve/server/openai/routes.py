@@ -22,6 +22,7 @@ from loraserve.engine.api import Completion as EngineCompletion
 from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
 from loraserve.server.auth import check_adapter, hub_token, visible
+from loraserve.server.disconnect import unless_disconnected
 from loraserve.server.errors import status_for
 from loraserve.server.response_format import grammar_for
 from loraserve.server.openai.schemas import (
@@ -137,7 +138,7 @@ async def _serve(request: Request, body: SamplingFields, prompt: str | list[int]
         return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        results = await asyncio.gather(*(collect(stream) for stream in streams))
+        results = await unless_disconnected(request, asyncio.gather(*(collect(stream) for stream in streams)))
     finally:
         release()
     return replier(engine, results, meta)
