@@ -124,3 +124,30 @@ def test_a_plain_request_whose_client_left_is_aborted(model_dir: Path, tmp_path:
             time.sleep(0.1)
         generated = sum(s.value for s in families["loraserve:generation_tokens"].samples if s.name.endswith("_total"))
         assert 0 < generated < 4000  # stopped by the abort, not by reaching its end
+
+
+def test_an_oversized_body_is_a_413_while_others_keep_streaming(model_dir: Path, tmp_path: Path) -> None:
+    """A body over the limit is refused before it is parsed, and a 1 MiB prompt is tokenized off the event loop:
+    another client's stream and /health keep answering meanwhile."""
+    with running_server(["--model-id", str(model_dir), "--dtype", "float32", "--device", "cpu",
+                         "--max-request-bytes", str(2 << 20)], tmp_path / "server.log") as url:
+        host, port = url.removeprefix("http://").split(":")
+        for path in ("/generate", "/v1/completions"):
+            with socket.create_connection((host, int(port))) as raw:  # the answer comes before the body is sent
+                raw.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            f"Content-Length: {3 << 20}\r\n\r\n".encode() + b'{"inputs": "')
+                raw.settimeout(30)
+                answer = _read_all(raw)
+            assert answer.startswith(b"HTTP/1.1 413") and b"--max-request-bytes" in answer, answer[:300]
+        sock = _open_stream(url, 200)
+        try:
+            assert sock.recv(65536)
+            big = {"inputs": "word " * (200 << 10), "parameters": {"max_new_tokens": 2}}  # 1 MiB: too long a prompt
+            status, reply = post_json(url + "/generate", big)
+            assert status == 422 and "tokens" in reply["error"]
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                assert response.status == 200
+            events = _events(_read_all(sock))
+            assert events[-1]["details"]["generated_tokens"] == 200
+        finally:
+            sock.close()

@@ -43,6 +43,7 @@ _SERVER_FLAGS = {
     "api_key": "an API key callers must send as Authorization: Bearer (repeatable; env: comma-separated)",
     "api_keys_file": "JSON file of keys with their tenant and the adapters/sources each may use",
     "metrics_require_key": "true: /metrics needs an API key too (default: open to scrapers)",
+    "max_request_bytes": "larger request bodies answer 413 (default 8 MiB)",
     "shutdown_timeout": "seconds SIGTERM lets accepted requests finish (503 to new ones) before ending them "
                         "with an error (default 30)",
 }

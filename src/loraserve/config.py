@@ -153,6 +153,7 @@ class ServerConfig:
     api_key: tuple[str, ...] = ()  # keys every caller must present (see server/auth.py); none = open
     api_keys_file: Path | None = None  # JSON: keys with their tenant and the adapters and sources each may use
     metrics_require_key: bool = False  # /metrics needs a key too (it is open by default, for scrapers)
+    max_request_bytes: int = 8 << 20  # larger bodies answer 413 before they are parsed
     shutdown_timeout: float = 30.0  # seconds a signal lets accepted requests finish before ending them
 
     def __post_init__(self) -> None:
@@ -162,6 +163,8 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_concurrent_requests < 1:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         self.api_key = tuple(self.api_key)
@@ -207,6 +210,7 @@ FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "api_keys_file": ("LORASERVE_API_KEYS_FILE", Path),
     "metrics_require_key": ("LORASERVE_METRICS_REQUIRE_KEY", _flag_bool),
     "shutdown_timeout": ("SHUTDOWN_TIMEOUT", float),
+    "max_request_bytes": ("MAX_REQUEST_BYTES", int),
 }
 
 

@@ -102,11 +102,23 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Validate now (raising `InvalidRequest` here, before any response is started) and return the stream of the
         request's outputs; iterating it loads the adapter into host memory off the step loop, enqueues the request
-        and yields outputs until the last, which has `finished` set. Must be called from the event loop."""
+        and yields outputs until the last, which has `finished` set. Must be called from the event loop; it
+        tokenizes on it (`submit` does not)."""
+        return self._outputs(self._make_request(prompt, params, request_id, adapter))
+
+    async def submit(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        adapter: AdapterRef | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """`generate` with the tokenizing and validation in a worker thread: a long prompt never holds the event
+        loop that streams everyone else's tokens (the server's path)."""
+        return self._outputs(await asyncio.to_thread(self._make_request, prompt, params, request_id, adapter))
+
+    def _make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None,
+                      adapter: AdapterRef | None) -> Request:
         if not self.is_running:
             raise EngineDead("the engine's step loop is not running")
-        request = self.engine.make_request(prompt, params, request_id, adapter)
-        return self._outputs(request)
+        return self.engine.make_request(prompt, params, request_id, adapter)
 
     async def _outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
         adapter = None

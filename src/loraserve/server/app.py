@@ -23,12 +23,13 @@ from loraserve.engine.api import AsyncEngine
 from loraserve.server.admission import ConcurrencyLimit
 from loraserve.server.auth import KeyGate, KeyRing
 from loraserve.server.errors import error_body, install_error_handlers
-from loraserve.server.metrics import Metrics
-from loraserve.server.tracing import RequestTracer
 from loraserve.server.inventory import router as inventory_router
 from loraserve.server.inventory import vllm_router as vllm_adapters_router
+from loraserve.server.limits import BodyLimit
 from loraserve.server.lorax.routes import router as lorax_router
+from loraserve.server.metrics import Metrics
 from loraserve.server.openai.routes import router as openai_router
+from loraserve.server.tracing import RequestTracer
 
 logger = logging.getLogger(__name__)
 _ALWAYS_SERVED = {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}  # what needs no model
@@ -96,6 +97,7 @@ def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfi
     app.state.keys = KeyRing.from_config(server_config.api_key, server_config.api_keys_file)
     app.add_middleware(_ReadyGate, state=app.state)
     app.add_middleware(KeyGate, keys=app.state.keys, metrics_open=not server_config.metrics_require_key)
+    app.add_middleware(BodyLimit, max_bytes=server_config.max_request_bytes)
     install_error_handlers(app)
     app.include_router(lorax_router)
     app.include_router(openai_router)

@@ -59,7 +59,7 @@ async def generate(body: GenerateRequest, request: Request, response: Response) 
     await _engine(request).compile_grammar(params.grammar)
     release = request.app.state.admission.acquire()
     try:
-        outputs = _engine(request).generate(body.inputs, params, adapter=adapter)
+        outputs = await _engine(request).submit(body.inputs, params, adapter=adapter)
         validated = time.monotonic()
         completion = await unless_disconnected(
             request, collect(request.app.state.metrics.observed(outputs, _label(adapter))))
@@ -132,7 +132,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> StreamingR
     release = request.app.state.admission.acquire()
     try:
         outputs = request.app.state.metrics.observed(
-            _engine(request).generate(body.inputs, params, adapter=adapter), _label(adapter)
+            await _engine(request).submit(body.inputs, params, adapter=adapter), _label(adapter)
         )
     except Exception:
         release()

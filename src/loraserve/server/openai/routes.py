@@ -84,12 +84,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     adapter = _adapter(body, request)
     # an adapter trained on its own chat format ships its template; the base tokenizer's is the default
     template = await engine.adapter_chat_template(adapter) if adapter is not None else None
-    try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
-    except Exception as error:  # noqa: BLE001 - jinja and template errors of every kind are the caller's input
-        raise InvalidRequest(f"cannot apply the chat template: {error}") from error
-    prompt = tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS
+
+    def render() -> list[int]:
+        try:
+            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as error:  # noqa: BLE001 - jinja and template errors of every kind are the caller's input
+            raise InvalidRequest(f"cannot apply the chat template: {error}") from error
+        return tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS
+
+    prompt = await asyncio.to_thread(render)  # off the event loop: templates and long prompts take time
     top = body.top_logprobs if body.logprobs else None
     params = _params(body, body.max_completion_tokens or body.max_tokens, top)
     return await _serve(request, body, prompt, params, streaming_chat, chat_reply)
@@ -125,7 +129,7 @@ async def _serve(request: Request, body: SamplingFields, prompt: str | list[int]
     try:
         # n > 1: distinct seeds per choice, so seeded choices differ from each other but each is reproducible
         label = adapter.adapter_id if adapter is not None else ""
-        streams = [request.app.state.metrics.observed(engine.generate(prompt, _choice_params(params, i),
+        streams = [request.app.state.metrics.observed(await engine.submit(prompt, _choice_params(params, i),
                                                                       adapter=adapter), label)
                    for i in range(body.n)]
     except Exception:
