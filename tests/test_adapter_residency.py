@@ -19,7 +19,7 @@ from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.engine import Engine
 from loraserve.engine.llm import LLM
 from loraserve.engine.request import AdapterRef
-from loraserve.errors import AdapterLoadError
+from loraserve.errors import AdapterLoadError, AdapterNotFound
 from loraserve.sampling.params import SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=5, ignore_eos=True)
@@ -141,3 +141,15 @@ def test_the_disk_scan_of_the_inventory_runs_off_the_step_loop(fleet: tuple[Path
         engine.shutdown()
     assert (info.adapter_id, info.tier) == ("org/on-disk", "disk")
     assert scanned_on and scanned_on[0].name != "loraserve-step-loop"  # the thread `start` runs the loop on
+
+
+def test_adapter_roots_confine_local_adapters(fleet: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """--adapter-root reaches the source policy: a folder inside a root serves, one outside is as missing."""
+    base_dir, adapters = fleet
+    root = tmp_path / "root"
+    shutil.copytree(adapters[0], root / "inside")
+    llm = LLM(EngineConfig(model_id=str(base_dir), dtype="float32", device="cpu", cache_dir=tmp_path / "cache",
+                           adapter_root=(root,)))
+    assert len(llm.generate(["Paris is"], PARAMS, [AdapterRef("inside", "local")])[0].token_ids) == 5
+    with pytest.raises(AdapterNotFound):
+        llm.generate(["Paris is"], PARAMS, [AdapterRef(str(adapters[1]), "local")])

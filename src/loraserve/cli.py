@@ -31,6 +31,12 @@ _ENGINE_FLAGS = {
     "adapter_device_memory": "bytes of adapter weights in the model's LoRA layers at once (default 1 GiB)",
     "adapter_memory": "bytes of adapters kept in host memory beyond the device tier",
     "adapter_source": "hub | local | s3: the source of adapters a request names without one (default hub)",
+    "adapter_root": "local adapters resolve inside this folder only (repeatable; env: os.pathsep-separated); "
+                    "default: local folders anywhere",
+    "allowed_s3_buckets": "S3 buckets adapters may come from (repeatable; env: comma-separated); default: all",
+    "allowed_hub_orgs": "Hub users/organisations adapters may come from (repeatable; env: comma-separated)",
+    "max_adapter_bytes": "largest adapter accepted, in bytes (default 4 GiB)",
+    "allow_pickle_adapters": "true: read adapter_model.bin (weights_only) when there is no safetensors file",
     "lora_modules": "adapters registered by name at start: NAME=PATH (at --adapter-source) or "
                     '\'{"name": ..., "path": ..., "source": ...}\' (repeatable, space-separated)',
     "adapter_uses_server_token": "true: adapter downloads without a token of their own use the server's HF_TOKEN",
@@ -44,12 +50,15 @@ _SERVER_FLAGS = {
     "api_keys_file": "JSON file of keys with their tenant and the adapters/sources each may use",
     "metrics_require_key": "true: /metrics needs an API key too (default: open to scrapers)",
     "max_request_bytes": "larger request bodies answer 413 (default 8 MiB)",
+    "ray_replicas": "serve through Ray Serve with N engine replicas and adapter-affinity routing (RAY_ADDRESS joins "
+                    "a cluster; default 0: one process)",
+    "ray_autoscaling_config": "Ray Serve autoscaling_config as JSON, instead of a fixed --ray-replicas",
     "shutdown_timeout": "seconds SIGTERM lets accepted requests finish (503 to new ones) before ending them "
                         "with an error (default 30)",
 }
 
 
-_LIST_FLAGS = {"lora_modules", "api_key"}  # take several values, as vLLM's flag does
+_LIST_FLAGS = {"lora_modules", "api_key", "adapter_root", "allowed_s3_buckets", "allowed_hub_orgs"}  # take several values, as vLLM's flag does
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
@@ -106,9 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(**_pick(args, _ENGINE_FLAGS))
     if args.command == "serve":
+        server_config = ServerConfig(**_pick(args, _SERVER_FLAGS))
+        if server_config.ray_replicas or server_config.ray_autoscaling_config:
+            from loraserve.serving.ray_app import serve_with_ray
+
+            serve_with_ray(engine_config, server_config, server_config.ray_replicas or 1,
+                           server_config.ray_autoscaling_config)
+            return 0
         from loraserve.server.app import serve
 
-        serve(engine_config, ServerConfig(**_pick(args, _SERVER_FLAGS)))
+        serve(engine_config, server_config)
         return 0
     return _generate(args, engine_config)
 

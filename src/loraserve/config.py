@@ -91,6 +91,11 @@ class EngineConfig:
     adapter_memory: int = 1 << 30  # bytes of adapters kept in host memory (LRU) beyond the device tier
     adapter_source: str = "hub"  # where adapters named without a source come from (LoRAX's ADAPTER_SOURCE)
     lora_modules: tuple[str, ...] = ()  # adapters registered by name at start: NAME=PATH or vLLM's JSON form
+    adapter_root: tuple[Path, ...] = ()  # local adapters resolve inside these folders only; none = anywhere
+    allowed_s3_buckets: tuple[str, ...] = ()  # none = every bucket
+    allowed_hub_orgs: tuple[str, ...] = ()  # none = every Hub user and organisation
+    max_adapter_bytes: int = 4 << 30  # one adapter's weights, checked before downloading and when read
+    allow_pickle_adapters: bool = False  # read adapter_model.bin (with torch.load(weights_only=True))
     cache_dir: Path = field(default_factory=default_cache_dir)
     hf_token: str | None = field(default_factory=hf_token_from_env)
     # Lend the server's HF token to adapter downloads of requests that bring none (LoRAX: LORAX_USE_GLOBAL_HF_TOKEN).
@@ -107,7 +112,7 @@ class EngineConfig:
         if self.quantize is not None and self.quantize not in QUANTIZE_FORMATS:
             raise ValueError(f"quantize must be None or one of {list(QUANTIZE_FORMATS)}, got {self.quantize!r}")
         for name in ("max_input_length", "max_total_tokens", "max_batch_prefill_tokens", "max_running_requests",
-                     "block_size", "kv_cache_memory", "adapter_device_memory", "adapter_memory"):
+                     "block_size", "kv_cache_memory", "adapter_device_memory", "adapter_memory", "max_adapter_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_active_adapters < 0:
@@ -117,6 +122,8 @@ class EngineConfig:
         if self.adapter_source not in ADAPTER_SOURCES:
             raise ValueError(f"adapter_source must be one of {list(ADAPTER_SOURCES)}, got {self.adapter_source!r}")
         self.lora_modules = tuple(self.lora_modules)
+        self.adapter_root = tuple(Path(root) for root in self.adapter_root)
+        self.allowed_s3_buckets, self.allowed_hub_orgs = tuple(self.allowed_s3_buckets), tuple(self.allowed_hub_orgs)
         for entry in self.lora_modules:
             parse_lora_module(entry, self.adapter_source)
         if self.max_input_length >= self.max_total_tokens:
@@ -155,6 +162,8 @@ class ServerConfig:
     metrics_require_key: bool = False  # /metrics needs a key too (it is open by default, for scrapers)
     max_request_bytes: int = 8 << 20  # larger bodies answer 413 before they are parsed
     shutdown_timeout: float = 30.0  # seconds a signal lets accepted requests finish before ending them
+    ray_replicas: int = 0  # > 0: serve through Ray Serve with this many engine replicas and adapter affinity
+    ray_autoscaling_config: dict | None = None  # Ray Serve's autoscaling_config, instead of a fixed ray_replicas
 
     def __post_init__(self) -> None:
         if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(("http://", "https://")):
@@ -165,6 +174,8 @@ class ServerConfig:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if self.ray_replicas < 0:
+            raise ValueError(f"ray_replicas must be >= 0, got {self.ray_replicas}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         self.api_key = tuple(self.api_key)
@@ -201,6 +212,11 @@ FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "adapter_memory": ("ADAPTER_MEMORY", int),
     "adapter_source": ("ADAPTER_SOURCE", str),
     "lora_modules": ("LORA_MODULES", lambda raw: tuple(raw.split())),
+    "adapter_root": ("ADAPTER_ROOT", lambda raw: tuple(Path(p) for p in raw.split(os.pathsep) if p)),
+    "allowed_s3_buckets": ("ALLOWED_S3_BUCKETS", lambda raw: tuple(b.strip() for b in raw.split(",") if b.strip())),
+    "allowed_hub_orgs": ("ALLOWED_HUB_ORGS", lambda raw: tuple(o.strip() for o in raw.split(",") if o.strip())),
+    "max_adapter_bytes": ("MAX_ADAPTER_BYTES", int),
+    "allow_pickle_adapters": ("ALLOW_PICKLE_ADAPTERS", _flag_bool),
     "adapter_uses_server_token": ("LORAX_USE_GLOBAL_HF_TOKEN", _flag_bool),
     "hostname": ("LORASERVE_HOSTNAME", str),
     "port": ("PORT", int),
@@ -211,6 +227,8 @@ FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "metrics_require_key": ("LORASERVE_METRICS_REQUIRE_KEY", _flag_bool),
     "shutdown_timeout": ("SHUTDOWN_TIMEOUT", float),
     "max_request_bytes": ("MAX_REQUEST_BYTES", int),
+    "ray_replicas": ("RAY_REPLICAS", int),
+    "ray_autoscaling_config": ("RAY_AUTOSCALING_CONFIG", json.loads),
 }
 
 

@@ -31,7 +31,7 @@ import torch
 from loraserve.adapters.merge import MergeSpec, merge_adapters
 from loraserve.adapters.peft import LoRAAdapter, load_peft_adapter
 from loraserve.adapters.registry import AdapterKey
-from loraserve.adapters.sources import check_hub_access, resolve_adapter
+from loraserve.adapters.sources import AdapterSourcePolicy, check_hub_access, resolve_adapter
 from loraserve.errors import AdapterLoadError, LoraserveError
 
 logger = logging.getLogger(__name__)
@@ -83,13 +83,15 @@ def _digest(path: Path) -> str:
 
 class HostAdapterCache:
     def __init__(self, projections: dict[str, tuple[int, int]], dtype: torch.dtype, cache_dir: Path,
-                 s3_endpoint_url: str | None, max_bytes: int, failure_ttl: float = 30.0,
-                 grant_ttl: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 s3_endpoint_url: str | None, max_bytes: int, policy: AdapterSourcePolicy = AdapterSourcePolicy(),
+                 failure_ttl: float = 30.0, grant_ttl: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.projections = projections
         self.dtype = dtype
         self.cache_dir = cache_dir
         self.s3_endpoint_url = s3_endpoint_url
         self.max_bytes = max_bytes
+        self.policy = policy
         self.failure_ttl = failure_ttl
         self.grant_ttl = grant_ttl
         self.clock = clock
@@ -146,11 +148,14 @@ class HostAdapterCache:
         """
 
         def load() -> HostAdapter:
-            path = resolve_adapter(key.adapter_id, key.source, token, self.cache_dir, self.s3_endpoint_url)
+            path = resolve_adapter(key.adapter_id, key.source, token, self.cache_dir, self.s3_endpoint_url,
+                                   policy=self.policy)
             with self._lock:
                 self._grants[(key, token)] = self.clock()
             signature = _file_signature(path)
-            adapter = load_peft_adapter(path, key.adapter_id, self.projections, self.dtype)
+            adapter = load_peft_adapter(path, key.adapter_id, self.projections, self.dtype,
+                                        allow_pickle=self.policy.allow_pickle,
+                                        max_bytes=self.policy.max_adapter_bytes)
             return HostAdapter(key, adapter, _digest(path), path, signature)
 
         entry = self._get(key, token, load)
@@ -166,7 +171,7 @@ class HostAdapterCache:
         if failure is not None and self.clock() - failure[1] < self.failure_ttl:
             raise failure[0]
         try:
-            check_hub_access(key.adapter_id, token)
+            check_hub_access(key.adapter_id, token, policy=self.policy)
         except LoraserveError as error:
             with self._lock:
                 self._failures[(key, token)] = (error, self.clock())

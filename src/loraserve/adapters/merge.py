@@ -19,6 +19,14 @@ from loraserve.errors import InvalidRequest
 
 STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
 SIGN_METHODS = ("total", "frequency")
+MAX_MERGED_ADAPTERS = 32  # each part is fetched and held for the merge
+# Merge weights scale each adapter's delta by |w| (sqrt(|w|) on A and on B); PEFT's and LoRAX's examples stay within
+# a few units. Beyond 100 a merge only blows the activations up (toward inf in half precision), so it is refused.
+MAX_MERGE_WEIGHT = 100.0
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -29,15 +37,25 @@ class MergeSpec:
     density: float = 1.0  # share of each task tensor kept by TIES / DARE pruning
     majority_sign_method: str = "total"
 
-    def validate(self) -> None:
+    def validate(self, *, max_adapters: int = MAX_MERGED_ADAPTERS) -> None:
         if not self.adapter_ids:
             raise InvalidRequest("merged_adapters.ids must name at least one adapter")
+        if len(self.adapter_ids) > max_adapters:
+            raise InvalidRequest(f"merged_adapters.ids names {len(self.adapter_ids)} adapters; at most "
+                                 f"{max_adapters} are merged in one request")
+        if not all(isinstance(i, str) and i for i in self.adapter_ids):
+            raise InvalidRequest("merged_adapters.ids must be non-empty strings")
         if len(self.weights) != len(self.adapter_ids):
             raise InvalidRequest(f"merged_adapters has {len(self.adapter_ids)} ids but {len(self.weights)} weights")
+        for weight in self.weights:
+            if not _is_real(weight) or not math.isfinite(weight) or abs(weight) > MAX_MERGE_WEIGHT:
+                raise InvalidRequest(
+                    f"merged_adapters.weights must be finite numbers with |w| <= {MAX_MERGE_WEIGHT:g} (a weight "
+                    f"scales its adapter's delta; larger ones only blow the activations up), not {weight!r}")
         if self.strategy not in STRATEGIES:
             raise InvalidRequest(f"merge_strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
-        if not 0.0 < self.density <= 1.0:
-            raise InvalidRequest(f"merged_adapters.density must be in (0, 1], not {self.density}")
+        if not _is_real(self.density) or not 0.0 < self.density <= 1.0:  # NaN fails the comparison too
+            raise InvalidRequest(f"merged_adapters.density must be a number in (0, 1], not {self.density!r}")
         if self.majority_sign_method not in SIGN_METHODS:
             raise InvalidRequest(f"majority_sign_method must be one of {', '.join(SIGN_METHODS)}, "
                                  f"not {self.majority_sign_method!r}")
@@ -60,11 +78,18 @@ def merge_adapters(adapters: list[LoRAAdapter], spec: MergeSpec, generator: torc
         scaled = [w * module.scale for module, w in parts]
         weights_a = torch.tensor([math.copysign(math.sqrt(abs(s)), s) for s in scaled])
         weights_b = torch.tensor([math.sqrt(abs(s)) for s in scaled])
-        # PEFT's task tensors are the raw A and B: our B carries its scale, so it is divided back out
+        # PEFT's task tensors are the raw A and B: our B carries its scale, so it is divided back out. A scale of 0
+        # (lora_alpha 0) kept no B to recover; its weight is 0, so it adds nothing (and casts no TIES vote).
         a = _merge([m.a.float() for m, _ in parts], weights_a, rank, 0, strategy, spec, generator)
-        b = _merge([m.b.float() / m.scale for m, _ in parts], weights_b, rank, 1, strategy, spec, generator)
+        b = _merge([m.b.float() / m.scale if m.scale else torch.zeros_like(m.b, dtype=torch.float32)
+                    for m, _ in parts], weights_b, rank, 1, strategy, spec, generator)
         dtype = parts[0][0].a.dtype
-        modules[name] = LoRAModule(a.to(dtype).contiguous(), b.to(dtype).contiguous(), scale=1.0)
+        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        for label, tensor in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise InvalidRequest(f"merging {spec.key}: the merged {label} of {name} holds inf/nan (the weights "
+                                     f"are too large for these adapters in {str(dtype).removeprefix('torch.')})")
+        modules[name] = LoRAModule(a, b, scale=1.0)
     return LoRAAdapter(spec.key, modules)
 
 

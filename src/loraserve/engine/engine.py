@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loraserve.adapters.cache import HostAdapter
 from loraserve.adapters.registry import AdapterKey
+from loraserve.adapters.sources import AdapterSourcePolicy
 from loraserve.config import EngineConfig, parse_lora_module
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.core import CoreOutput, EngineCore
@@ -86,7 +87,10 @@ class Engine:
         self.adapters = AdapterResidency(
             loaded.model,
             ResidencyLimits(config.adapter_device_memory, config.max_active_adapters, config.max_lora_rank,
-                            config.adapter_memory, config.cache_dir / "adapters", config.s3_endpoint_url),
+                            config.adapter_memory, config.cache_dir / "adapters", config.s3_endpoint_url,
+                            AdapterSourcePolicy(config.adapter_root, config.allowed_s3_buckets,
+                                                config.allowed_hub_orgs, config.max_adapter_bytes,
+                                                config.allow_pickle_adapters)),
             dtype, device,
         )
         for entry in config.lora_modules:

@@ -29,12 +29,13 @@ from torch import nn
 
 from loraserve.adapters.cache import HostAdapter, HostAdapterCache
 from loraserve.adapters.registry import AdapterKey, AdapterNames
-from loraserve.adapters.sources import cached_on_disk
+from loraserve.adapters.sources import AdapterSourcePolicy, cached_on_disk
 from loraserve.engine.request import AdapterPin, AdapterRef, Request
 from loraserve.errors import AdapterInUse, AdapterLoadError, InvalidRequest
 from loraserve.layers.embedding import VocabEmbedding
 from loraserve.layers.linear import Linear
 from loraserve.layers.lora import EmbeddingLoRA, OutputLoRA, ProjectionLoRA
+from loraserve.layers.lora_kernel import fused_lora_available, fused_lora_info
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class ResidencyLimits:
     host_bytes: int  # the host-memory LRU's budget
     cache_dir: Path
     s3_endpoint_url: str | None = None
+    sources: AdapterSourcePolicy = AdapterSourcePolicy()  # where adapters may come from, and what they may hold
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,10 @@ class AdapterResidency:
                     else:
                         module.lora = ProjectionLoRA(module.in_features, module.out_features, dtype, device)
                     self._layers[name] = module.lora
-        self.host = HostAdapterCache(projections, dtype, limits.cache_dir, limits.s3_endpoint_url, limits.host_bytes)
+        if self.enabled and fused_lora_available(device):  # compiled (or loaded from its cache) now, not mid-step
+            logger.info("fused LoRA op: %s", fused_lora_info())
+        self.host = HostAdapterCache(projections, dtype, limits.cache_dir, limits.s3_endpoint_url, limits.host_bytes,
+                                     limits.sources)
         self._device: OrderedDict[tuple[AdapterKey, str], _DeviceAdapter] = OrderedDict()  # LRU first
         self._by_slot: dict[int, _DeviceAdapter] = {}
         self._free_slots: list[int] = []

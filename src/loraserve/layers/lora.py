@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from loraserve.layers.context import get_forward_context
+from loraserve.layers.lora_kernel import add_lora_, fused_lora_available
 from loraserve.layers.lora_ops import (
     DENSE_UNITS_PER_SEGMENT,
     LayerSegments,
@@ -129,6 +130,10 @@ class ProjectionLoRA:
         if batch.uniform_slot is not None:
             _, _, offset, rank = layer.placed[0]
             return y.add_(uniform_delta(x, self.a, self.b, offset, rank).to(y.dtype))
+        if fused_lora_available(x.device):
+            offsets = torch.tensor(layer.offsets, dtype=torch.int64)
+            ranks = torch.tensor(layer.ranks, dtype=torch.int64)
+            return add_lora_(y, x, self.a, self.b, batch.rows, batch.seg_starts, offsets, ranks)
         width = self.column_slots().shape[0]
         if len(layer.placed) > 1 and x.shape[0] * width <= DENSE_UNITS_PER_SEGMENT * len(layer.placed):
             return dense_add_(y, x, self.a, self.b, batch, self.column_slots())

@@ -7,7 +7,9 @@ skipped, and each slot runs at its rank for that layer. The forms of the same su
 - the reference loop over tokens (the test oracle);
 - uniform: every token of the step uses one adapter: one matmul pair over the batch as it is;
 - segmented: one pair of matmuls per adapter segment. Few long segments (prefill) cost one matmul pair each;
-- fused: one compiled call per layer for every segment (`lora_kernel`), where it is built;
+- fused: one compiled call per layer for every segment (`lora_kernel`), where it is built: on the CPU it beats
+  the other forms at every batch shape measured (see RESULTS.md, LoRA kernel), so it serves every step with more
+  than one adapter;
 - dense: one matmul pair over the layer's whole arena, each token keeping only its own adapter's columns by
   selection. It trades FLOPs (every token against every resident adapter) for a fixed few ops per layer, and is the
   many-segment form where the fused op is not built (CUDA, or no compiler).
@@ -25,8 +27,6 @@ import torch
 
 # The dense form wins while tokens x arena rows stays under this many units per segment (see RESULTS.md, LoRA).
 DENSE_UNITS_PER_SEGMENT = 16384
-# From this many segments on, the fused op replaces the per-segment loop (see RESULTS.md, LoRA kernel).
-FUSED_MIN_SEGMENTS = 2
 
 
 @dataclass

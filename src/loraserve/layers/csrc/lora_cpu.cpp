@@ -1,0 +1,470 @@
+// Batched multi-adapter LoRA delta for one projection, CPU: y[t] += (x[t] @ A_s.T) @ B_s for every token t of every
+// segment s, where A_s = a[off_s : off_s + r_s] and B_s = b[off_s : off_s + r_s] (B transposed, scale folded in).
+//
+// One call covers the whole batch, in one OpenMP region, in two steps per segment:
+//   shrink: s[t][j] = <A_s[j], x[t]> in fp32 for every token of the segment;
+//   expand: y[t][c] = round(y[t][c] + sum_j s[t][j] * B_s[j][c]).
+// Many segments (decode): a task is a whole segment, shrink then expand on one thread, with no barrier. Few segments
+// (prefill): shrink tasks (segment, block of A rows), a barrier, expand tasks (segment, block of output columns).
+// Every task reads its piece of A or B once for all of its segment's tokens, so each adapter's A and B are read once
+// per call. A row reads only its own adapter's rows of the arena. Accumulation is fp32 throughout (bf16 products
+// are exact in fp32), and y is read, added to and rounded once per element.
+//
+// ISA: AVX-512F/BW/VL intrinsics when compiled with them; AVX512_BF16's vdpbf16ps for the bf16 shrink when present
+// (it treats bf16 denormal inputs as zero). A portable scalar path otherwise. The Python side picks the flags.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LORA_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using bf16 = uint16_t;
+
+inline float to_f(float v) { return v; }
+inline float to_f(bf16 v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void from_f(float* p, float v) { *p = v; }
+inline void from_f(bf16* p, float v) {  // round to nearest even, NaN kept quiet (as torch rounds)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    *p = bf16((u >> 16) | 0x40u);
+    return;
+  }
+  *p = bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+struct Seg {
+  int64_t start;   // into rows
+  int64_t m;       // tokens
+  int64_t off;     // arena row
+  int64_t r;       // rank
+  int64_t s_base;  // into the shrink buffer: s[t][j] at s_base + t * r + j
+};
+
+struct Task {
+  int32_t seg;
+  int32_t lo, hi;  // A rows [lo, hi) of the segment (shrink) or output columns [lo, hi) (expand)
+};
+
+#ifdef LORA_AVX512
+
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
+inline __mmask32 mask32(int64_t n) { return n >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << n) - 1u); }
+
+inline __m512 load_f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_f(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 cvt_bf(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 load_f(const bf16* p) { return cvt_bf(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load_f(const bf16* p, __mmask16 m) { return cvt_bf(_mm256_maskz_loadu_epi16(m, p)); }
+
+inline void store_f(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store_f(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline __m256i round_bf(__m512 v) {  // round to nearest even, NaN kept quiet: the same bits as from_f
+  __m512i u = _mm512_castps_si512(v);
+  __m512i hi = _mm512_srli_epi32(u, 16);
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store_f(bf16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf(v)); }
+inline void store_f(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, round_bf(v)); }
+
+// Shrink flavours: how K elements of A and x are loaded and multiplied into 16 fp32 lanes.
+template <typename T>
+struct FmaDot {  // fp32, or bf16 widened to fp32
+  using V = __m512;
+  static constexpr int K = 16;
+  static V load(const T* p) { return load_f(p); }
+  static V load(const T* p, int64_t n) { return load_f(p, mask16(n)); }
+  static __m512 dot(__m512 acc, V a, V x) { return _mm512_fmadd_ps(a, x, acc); }
+};
+
+#ifdef __AVX512BF16__
+struct Bf16Dot {  // vdpbf16ps: 32 bf16 pairs into 16 fp32 lanes
+  using V = __m512i;
+  static constexpr int K = 32;
+  static V load(const bf16* p) { return _mm512_loadu_si512(p); }
+  static V load(const bf16* p, int64_t n) { return _mm512_maskz_loadu_epi16(mask32(n), p); }
+  static __m512 dot(__m512 acc, V a, V x) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)x); }
+};
+#endif
+
+// JB rows of A (at A, row stride `in`) against TB tokens: sp[t][j] = <A[j], xs[t]>.
+template <typename T, typename D, int JB, int TB>
+void shrink_tile(const T* A, int64_t in, const T* const* xs, float* const* sp) {
+  __m512 acc[JB][TB];
+  for (int j = 0; j < JB; ++j)
+    for (int t = 0; t < TB; ++t) acc[j][t] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + D::K <= in; k += D::K) {
+    typename D::V xv[TB];
+    for (int t = 0; t < TB; ++t) xv[t] = D::load(xs[t] + k);
+    for (int j = 0; j < JB; ++j) {
+      typename D::V av = D::load(A + j * in + k);
+      for (int t = 0; t < TB; ++t) acc[j][t] = D::dot(acc[j][t], av, xv[t]);
+    }
+  }
+  if (k < in) {
+    const int64_t n = in - k;
+    typename D::V xv[TB];
+    for (int t = 0; t < TB; ++t) xv[t] = D::load(xs[t] + k, n);
+    for (int j = 0; j < JB; ++j) {
+      typename D::V av = D::load(A + j * in + k, n);
+      for (int t = 0; t < TB; ++t) acc[j][t] = D::dot(acc[j][t], av, xv[t]);
+    }
+  }
+  for (int j = 0; j < JB; ++j)
+    for (int t = 0; t < TB; ++t) sp[t][j] = _mm512_reduce_add_ps(acc[j][t]);
+}
+
+// Column block an expand call covers at a time.
+constexpr int64_t kMaxCols = 1024;
+
+// TB tokens, CV vectors of 16 columns from c: ys[t][c..] = round(ys[t][c..] + sum_j sp[t][j] * B[j][c..]).
+// Accumulators stay in registers (this beat accumulating whole B rows into an L1 buffer, measured).
+template <typename T, int TB, int CV>
+void expand_tile(const T* B, int64_t out, int64_t r, const float* const* sp, T* const* ys, int64_t c) {
+  __m512 acc[TB][CV];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < CV; ++v) acc[t][v] = _mm512_setzero_ps();
+  const T* bp = B + c;
+  for (int64_t j = 0; j < r; ++j, bp += out) {
+    __m512 bv[CV];
+    for (int v = 0; v < CV; ++v) bv[v] = load_f(bp + 16 * v);
+    for (int t = 0; t < TB; ++t) {
+      __m512 s = _mm512_set1_ps(sp[t][j]);
+      for (int v = 0; v < CV; ++v) acc[t][v] = _mm512_fmadd_ps(s, bv[v], acc[t][v]);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < CV; ++v) {
+      T* p = ys[t] + c + 16 * v;
+      store_f(p, _mm512_add_ps(load_f(p), acc[t][v]));
+    }
+}
+// The last, partial vector of columns: n < 16 columns from c.
+template <typename T, int TB>
+void expand_tail(const T* B, int64_t out, int64_t r, const float* const* sp, T* const* ys, int64_t c, int64_t n) {
+  const __mmask16 m = mask16(n);
+  __m512 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  const T* bp = B + c;
+  for (int64_t j = 0; j < r; ++j, bp += out) {
+    __m512 bv = load_f(bp, m);
+    for (int t = 0; t < TB; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(sp[t][j]), bv, acc[t]);
+  }
+  for (int t = 0; t < TB; ++t) {
+    T* p = ys[t] + c;
+    store_f(p, _mm512_add_ps(load_f(p, m), acc[t]), m);
+  }
+}
+template <typename T, int TB>
+void expand_cols(const T* B, int64_t out, int64_t r, const float* const* sp, T* const* ys, int64_t c0, int64_t c1) {
+  constexpr int CV = TB <= 2 ? 4 : 2;
+  int64_t c = c0;
+  for (; c + 16 * CV <= c1; c += 16 * CV) expand_tile<T, TB, CV>(B, out, r, sp, ys, c);
+  for (; c + 16 <= c1; c += 16) expand_tile<T, TB, 1>(B, out, r, sp, ys, c);
+  if (c < c1) expand_tail<T, TB>(B, out, r, sp, ys, c, c1 - c);
+}
+
+template <typename T, typename D, int TB>
+void shrink_rows(const T* A, int64_t in, int64_t nj, const T* const* xs, float* const* sp) {
+  float* spj[TB];
+  for (int t = 0; t < TB; ++t) spj[t] = sp[t];
+  int64_t j = 0;
+  for (; j + 4 <= nj; j += 4) {
+    shrink_tile<T, D, 4, TB>(A + j * in, in, xs, spj);
+    for (int t = 0; t < TB; ++t) spj[t] += 4;
+  }
+  switch (nj - j) {
+    case 3: shrink_tile<T, D, 3, TB>(A + j * in, in, xs, spj); break;
+    case 2: shrink_tile<T, D, 2, TB>(A + j * in, in, xs, spj); break;
+    case 1: shrink_tile<T, D, 1, TB>(A + j * in, in, xs, spj); break;
+    default: break;
+  }
+}
+
+#endif  // LORA_AVX512
+
+struct Problem {
+  int64_t in, out, x_stride, y_stride;
+  const int64_t* rows;
+  float* s;
+  const std::vector<Seg>* segs;
+};
+
+template <typename T, typename D>
+void shrink_task(const Problem& p, const T* x, const T* a, const Task& task) {
+  const Seg& g = (*p.segs)[task.seg];
+  const T* A = a + (g.off + task.lo) * p.in;
+  const int64_t nj = task.hi - task.lo;
+#ifdef LORA_AVX512
+  for (int64_t t0 = 0; t0 < g.m; t0 += 4) {
+    const int nt = int(std::min<int64_t>(4, g.m - t0));
+    const T* xs[4];
+    float* sp[4];
+    for (int t = 0; t < nt; ++t) {
+      xs[t] = x + p.rows[g.start + t0 + t] * p.x_stride;
+      sp[t] = p.s + g.s_base + (t0 + t) * g.r + task.lo;
+    }
+    switch (nt) {
+      case 4: shrink_rows<T, D, 4>(A, p.in, nj, xs, sp); break;
+      case 3: shrink_rows<T, D, 3>(A, p.in, nj, xs, sp); break;
+      case 2: shrink_rows<T, D, 2>(A, p.in, nj, xs, sp); break;
+      default: shrink_rows<T, D, 1>(A, p.in, nj, xs, sp); break;
+    }
+  }
+#else
+  for (int64_t t = 0; t < g.m; ++t) {
+    const T* xr = x + p.rows[g.start + t] * p.x_stride;
+    float* sp = p.s + g.s_base + t * g.r + task.lo;
+    for (int64_t j = 0; j < nj; ++j) {
+      const T* ar = A + j * p.in;
+      float acc = 0.f;
+      for (int64_t k = 0; k < p.in; ++k) acc += to_f(ar[k]) * to_f(xr[k]);
+      sp[j] = acc;
+    }
+  }
+#endif
+}
+
+template <typename T>
+void expand_task(const Problem& p, T* y, const T* b, const Task& task) {
+  const Seg& g = (*p.segs)[task.seg];
+  const T* B = b + g.off * p.out;
+#ifdef LORA_AVX512
+  for (int64_t t0 = 0; t0 < g.m; t0 += 4) {
+    const int nt = int(std::min<int64_t>(4, g.m - t0));
+    T* ys[4];
+    const float* sp[4];
+    for (int t = 0; t < nt; ++t) {
+      ys[t] = y + p.rows[g.start + t0 + t] * p.y_stride;
+      sp[t] = p.s + g.s_base + (t0 + t) * g.r;
+    }
+    for (int64_t c0 = task.lo; c0 < task.hi; c0 += kMaxCols) {
+      const int64_t c1 = std::min<int64_t>(task.hi, c0 + kMaxCols);
+      switch (nt) {
+        case 4: expand_cols<T, 4>(B, p.out, g.r, sp, ys, c0, c1); break;
+        case 3: expand_cols<T, 3>(B, p.out, g.r, sp, ys, c0, c1); break;
+        case 2: expand_cols<T, 2>(B, p.out, g.r, sp, ys, c0, c1); break;
+        default: expand_cols<T, 1>(B, p.out, g.r, sp, ys, c0, c1); break;
+      }
+    }
+  }
+#else
+  float acc[256];
+  for (int64_t t = 0; t < g.m; ++t) {
+    T* yr = y + p.rows[g.start + t] * p.y_stride;
+    const float* sp = p.s + g.s_base + t * g.r;
+    for (int64_t c0 = task.lo; c0 < task.hi; c0 += 256) {
+      const int64_t n = std::min<int64_t>(256, task.hi - c0);
+      for (int64_t c = 0; c < n; ++c) acc[c] = 0.f;
+      for (int64_t j = 0; j < g.r; ++j) {
+        const T* br = B + j * p.out + c0;
+        const float sj = sp[j];
+        for (int64_t c = 0; c < n; ++c) acc[c] += sj * to_f(br[c]);
+      }
+      for (int64_t c = 0; c < n; ++c) from_f(yr + c0 + c, to_f(yr[c0 + c]) + acc[c]);
+    }
+  }
+#endif
+}
+
+// whole: shrink[i] and expand[i] are the same segment, whole; one thread runs both, with no barrier between.
+template <typename T, typename D>
+void run(const Problem& p, T* y, const T* x, const T* a, const T* b, const std::vector<Task>& shrink,
+         const std::vector<Task>& expand, int nth, bool whole) {
+  const int64_t ns = int64_t(shrink.size()), ne = int64_t(expand.size());
+  if (nth <= 1) {
+    for (int64_t i = 0; i < ns; ++i) shrink_task<T, D>(p, x, a, shrink[i]);
+    for (int64_t i = 0; i < ne; ++i) expand_task<T>(p, y, b, expand[i]);
+    return;
+  }
+  if (whole) {
+#pragma omp parallel for num_threads(nth) schedule(dynamic, 1)
+    for (int64_t i = 0; i < ns; ++i) {
+      shrink_task<T, D>(p, x, a, shrink[i]);
+      expand_task<T>(p, y, b, expand[i]);
+    }
+    return;
+  }
+#pragma omp parallel num_threads(nth)
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < ns; ++i) shrink_task<T, D>(p, x, a, shrink[i]);
+    // the implicit barrier: every s is written before any expand reads it
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t i = 0; i < ne; ++i) expand_task<T>(p, y, b, expand[i]);
+  }
+}
+
+void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous(), name,
+              " must be a contiguous 1-D int64 CPU tensor");
+}
+
+// Below this many multiply-adds a call runs on the calling thread (the fork would cost more than it saves).
+constexpr int64_t kParallelMinMacs = 1 << 16;
+// From this many segments per thread on, tasks are whole segments.
+constexpr int64_t kWholeSegmentsPerThread = 4;
+
+at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                    const at::Tensor& rows, const at::Tensor& seg_starts, const at::Tensor& seg_offsets,
+                    const at::Tensor& seg_ranks) {
+  TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu(),
+              "add_lora_: CPU tensors only");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "add_lora_: float32 or bfloat16 only");
+  TORCH_CHECK(y.scalar_type() == dt && a.scalar_type() == dt && b.scalar_type() == dt,
+              "add_lora_: y, x, a and b must share one dtype");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && a.dim() == 2 && b.dim() == 2, "add_lora_: 2-D y, x, a, b");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "add_lora_: a and b must be contiguous");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "add_lora_: x and y rows must be contiguous");
+  const int64_t T_ = x.size(0), in = x.size(1), out = y.size(1), cap = a.size(0);
+  TORCH_CHECK(y.size(0) == T_ && a.size(1) == in && b.size(1) == out && b.size(0) == cap,
+              "add_lora_: shapes y [T, out], x [T, in], a [cap, in], b [cap, out]");
+  check_index(rows, "rows");
+  check_index(seg_starts, "seg_starts");
+  check_index(seg_offsets, "seg_offsets");
+  check_index(seg_ranks, "seg_ranks");
+  const int64_t S = seg_offsets.size(0), n = rows.size(0);
+  TORCH_CHECK(seg_ranks.size(0) == S && seg_starts.size(0) == S + 1, "add_lora_: seg_starts [S+1], offsets/ranks [S]");
+  if (T_ == 0 || S == 0 || in == 0 || out == 0) return y;
+
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  const int64_t* st = seg_starts.data_ptr<int64_t>();
+  const int64_t* of = seg_offsets.data_ptr<int64_t>();
+  const int64_t* rk = seg_ranks.data_ptr<int64_t>();
+
+  thread_local std::vector<Seg> segs;
+  thread_local std::vector<Task> shrink, expand;
+  thread_local std::vector<float> sbuf;
+  thread_local std::vector<uint8_t> seen;
+  segs.clear();
+  shrink.clear();
+  expand.clear();
+  seen.assign(size_t(T_), 0);
+
+  int64_t s_total = 0, macs = 0, max_r = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t lo = st[s], hi = st[s + 1], r = rk[s];
+    TORCH_CHECK(0 <= lo && lo <= hi && hi <= n, "add_lora_: seg_starts must be non-decreasing within rows");
+    if (r == 0 || hi == lo) continue;
+    TORCH_CHECK(r > 0 && of[s] >= 0 && of[s] + r <= cap, "add_lora_: segment ", s, " reaches outside the arena");
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t t = rw[i];
+      TORCH_CHECK(0 <= t && t < T_, "add_lora_: row index ", t, " out of range");
+      TORCH_CHECK(!seen[t], "add_lora_: token ", t, " appears twice in rows");
+      seen[t] = 1;
+    }
+    segs.push_back(Seg{lo, hi - lo, of[s], r, s_total});
+    s_total += (hi - lo) * r;
+    macs += (hi - lo) * r * (in + out);
+    max_r = std::max(max_r, r);
+  }
+  if (segs.empty()) return y;
+  TORCH_CHECK(int64_t(segs.size()) < (int64_t(1) << 31) && max_r < (int64_t(1) << 31) && out < (int64_t(1) << 31),
+              "add_lora_: sizes too large");
+
+  int nth = at::get_num_threads();
+  if (macs < kParallelMinMacs || omp_in_parallel()) nth = 1;
+
+  const int64_t nseg = int64_t(segs.size());
+  // Many segments (decode): one task per segment, shrink then expand on one thread, longest first; no barrier.
+  const bool whole = nth > 1 && nseg >= kWholeSegmentsPerThread * nth;
+  if (whole) {
+    thread_local std::vector<int32_t> order;
+    order.resize(size_t(nseg));
+    for (int64_t i = 0; i < nseg; ++i) order[size_t(i)] = int32_t(i);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t u, int32_t v) { return segs[size_t(u)].m * segs[size_t(u)].r > segs[size_t(v)].m * segs[size_t(v)].r; });
+    for (int32_t i : order) {
+      shrink.push_back(Task{i, 0, int32_t(segs[size_t(i)].r)});
+      expand.push_back(Task{i, 0, int32_t(out)});
+    }
+  } else {
+    // Few segments (prefill): two phases, each split into enough tasks for dynamic scheduling to balance the
+    // threads, each task as long as that allows.
+    const int64_t want = nth > 1 ? 4 * int64_t(nth) : 1;
+    int64_t jc = 32;
+    while (jc > 4) {
+      int64_t count = 0;
+      for (const Seg& g : segs) count += (g.r + jc - 1) / jc;
+      if (count >= want) break;
+      jc /= 2;
+    }
+    int64_t cw = 1024;
+    while (cw > 64 && nseg * ((out + cw - 1) / cw) < want) cw /= 2;
+    for (int64_t i = 0; i < nseg; ++i) {
+      const Seg& g = segs[size_t(i)];
+      for (int64_t j = 0; j < g.r; j += jc)
+        shrink.push_back(Task{int32_t(i), int32_t(j), int32_t(std::min(g.r, j + jc))});
+      for (int64_t c = 0; c < out; c += cw)
+        expand.push_back(Task{int32_t(i), int32_t(c), int32_t(std::min(out, c + cw))});
+    }
+  }
+  if (int64_t(sbuf.size()) < s_total) sbuf.resize(size_t(s_total));
+
+  Problem p{in, out, x.stride(0), y.stride(0), rw, sbuf.data(), &segs};
+  if (dt == at::kFloat) {
+#ifdef LORA_AVX512
+    run<float, FmaDot<float>>(p, y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),
+                              shrink, expand, nth, whole);
+#else
+    run<float, void>(p, y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), shrink,
+                     expand, nth, whole);
+#endif
+  } else {
+    auto* yp = reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>());
+    auto* xp = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
+    auto* ap = reinterpret_cast<const bf16*>(a.data_ptr<at::BFloat16>());
+    auto* bp = reinterpret_cast<const bf16*>(b.data_ptr<at::BFloat16>());
+#if defined(LORA_AVX512) && defined(__AVX512BF16__)
+    run<bf16, Bf16Dot>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
+#elif defined(LORA_AVX512)
+    run<bf16, FmaDot<bf16>>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
+#else
+    run<bf16, void>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
+#endif
+  }
+  return y;
+}
+
+const char* isa() {
+#if defined(LORA_AVX512) && defined(__AVX512BF16__)
+  return "avx512_bf16";
+#elif defined(LORA_AVX512)
+  return "avx512";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_lora_", &add_lora, "y[rows of segment s] += (x[rows] @ a[off:off+r].T) @ b[off:off+r], in place",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("isa", &isa, "which kernels were compiled in");
+}
