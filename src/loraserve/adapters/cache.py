@@ -67,7 +67,8 @@ class HostAdapter:
 
 
 def _file_signature(path: Path) -> tuple:
-    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+    stats = [(f.name, f.stat()) for f in path.iterdir() if f.is_file()]
+    return tuple(sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats))
 
 
 def _digest(path: Path) -> str:

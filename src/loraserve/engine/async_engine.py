@@ -125,7 +125,7 @@ class AsyncEngine:
         if request.adapter is not None:
             # Off the step loop: other requests keep decoding while this adapter is read or downloaded. It is pinned
             # when the loop adds the request, so a client gone meanwhile leaves no pin behind.
-            adapter = await asyncio.to_thread(self.engine.adapters.prepare, request.adapter)
+            adapter = await self._prepare(request.adapter)
             request.timings.adapter_ready = time.monotonic()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._send("add", (request, stream, adapter))
@@ -174,11 +174,11 @@ class AsyncEngine:
 
     async def adapter_chat_template(self, ref: AdapterRef) -> str | None:
         """The chat template the adapter ships, if any (loading the adapter into host memory, off the loop)."""
-        return (await asyncio.to_thread(self.engine.adapters.prepare, ref)).adapter.chat_template
+        return (await self._prepare(ref)).adapter.chat_template
 
     async def preload_adapter(self, ref: AdapterRef) -> bool:
         """Load the adapter into host memory (off the loop), then onto the device; False if it had no room."""
-        entry = await asyncio.to_thread(self.engine.adapters.prepare, ref)
+        entry = await self._prepare(ref)
         return await self.run_between_steps(lambda: self.engine.adapters.activate(entry))
 
     async def load_adapter(self, name: str, ref: AdapterRef, replace: bool = False) -> HostAdapter:
@@ -190,7 +190,7 @@ class AsyncEngine:
         previous = residency.names.lookup(name)
         residency.names.register(name, key, replace=replace)
         try:
-            entry = await asyncio.to_thread(residency.prepare, AdapterRef(name, ref.source, ref.token))
+            entry = await self._prepare(AdapterRef(name, ref.source, ref.token))
         except BaseException:
             if previous is None:
                 residency.names.unregister(name)
@@ -199,6 +199,10 @@ class AsyncEngine:
             raise
         await self.run_between_steps(lambda: residency.activate(entry))
         return entry
+
+    async def _prepare(self, ref: AdapterRef) -> HostAdapter:
+        """The adapter made host-resident in a worker thread (reading or downloading never runs on the loop)."""
+        return await asyncio.to_thread(self.engine.adapters.prepare, ref)
 
     async def unload_adapter(self, ref: AdapterRef) -> AdapterKey:
         """Free the adapter's device and host memory and forget its name (`ref.adapter_id` may be a name or an id at

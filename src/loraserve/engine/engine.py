@@ -104,7 +104,7 @@ class Engine:
         self.core = EngineCore(scheduler, runner, self.adapters, loaded.eos_token_ids)
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = loaded.model.config.vocab_size
-        self.grammars = GrammarCompiler(self.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, loaded.eos_token_ids)
         self._special_ids = set(self.tokenizer.all_special_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
