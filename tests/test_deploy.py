@@ -9,12 +9,16 @@ loraserve (ports, paths, users, environment variable names, the torch pin).
 - healthcheck.py against a local HTTP server answering 503 then 200.
 - Kubernetes manifests: `kubernetes-validate --strict` against the oldest and newest versions we state
   (K8S_VERSIONS), then the links between them (labels, ports, probes, volume, user, HPA target).
+- The KubeRay RayService (deploy/kubernetes/ray/): its structure against KubeRay's ray.io/v1 fields, each pod
+  template against Kubernetes' own schema (kubernetes-validate), its serveConfigV2 against Ray's own
+  `ServeDeploySchema`, and its application built by loraserve's `app_builder` from the args it gives.
 - SkyPilot task files: SkyPilot's own `sky.Task.from_yaml` (skypilot 0.14.1, run offline in a subprocess with a
   throwaway HOME), and shellcheck on their setup and run scripts.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -144,6 +148,9 @@ def test_image_contract(dockerfile: Path) -> None:
         if dockerfile.name.endswith(".cpu") else f"install --no-cache-dir {_torch_pin()}" in runs
     if dockerfile.name.endswith(".cuda"):
         assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:13\.0\.\d+-base-", dockerfile.read_text(), re.M)
+    # LORASERVE_EXTRAS=[ray] makes the KubeRay image: the build installs loraserve with that optional extra
+    assert 'install --no-cache-dir "./${LORASERVE_EXTRAS}"' in runs
+    assert "ray" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 
 
 def _dockerignore_allows(patterns: list[str], path: str) -> bool:
@@ -365,9 +372,12 @@ def test_healthcheck_follows_health() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
 
-    def check(**env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(HEALTHCHECK)], capture_output=True, text=True, timeout=30,
+    def check(*urls: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(HEALTHCHECK), *urls], capture_output=True, text=True, timeout=30,
                               env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env})
+
+    def check_urls(*urls: str) -> subprocess.CompletedProcess:
+        return check(*urls, PORT="9")  # PORT points nowhere: only the URLs given are checked
 
     try:
         loading = check(PORT=str(port), LORASERVE_HOSTNAME="0.0.0.0")
@@ -375,6 +385,11 @@ def test_healthcheck_follows_health() -> None:
         answers[0] = 200
         assert check(PORT=str(port), LORASERVE_HOSTNAME="0.0.0.0").returncode == 0
         assert check(PORT=str(port), LORASERVE_HOSTNAME="127.0.0.1").returncode == 0
+        # with URLs (the KubeRay probes): each must answer 200
+        base = f"http://127.0.0.1:{port}"
+        assert check_urls(f"{base}/health", f"{base}/health").returncode == 0
+        missing = check_urls(f"{base}/health", f"{base}/api/gcs_healthz")
+        assert missing.returncode == 1 and "/api/gcs_healthz answered 404" in missing.stderr
     finally:
         server.shutdown()
         server.server_close()
@@ -459,6 +474,123 @@ def test_manifests_fit_together(kube: dict[str, dict]) -> None:
     headless = [d for d in _documents(KUBE / "service.yaml") if d["metadata"]["name"].endswith("-headless")]
     assert [d["metadata"]["name"] for d in headless] == [workload["spec"]["serviceName"]]
     assert headless[0]["spec"]["clusterIP"] == "None"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KubeRay
+
+RAYSERVICE = KUBE / "ray" / "rayservice.yaml"
+# KubeRay's ray.io/v1 types (ray-operator/apis/ray/v1: RayServiceSpec, RayClusterSpec, HeadGroupSpec, WorkerGroupSpec):
+# every field each may hold, and those without `omitempty`. No KubeRay CRD schema ships on PyPI, so the structure is
+# checked against these, and the pod templates (the bulk of the object) against Kubernetes' own PodTemplateSpec.
+KUBERAY_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "RayServiceSpec": ({"serveConfigV2", "rayClusterConfig", "serviceUnhealthySecondThreshold",
+                        "deploymentUnhealthySecondThreshold", "serveService", "upgradeStrategy",
+                        "excludeHeadPodFromServeSvc"}, {"rayClusterConfig"}),
+    "RayClusterSpec": ({"headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling",
+                        "autoscalerOptions", "headServiceAnnotations", "suspend", "gcsFaultToleranceOptions",
+                        "managedBy"}, {"headGroupSpec"}),
+    "HeadGroupSpec": ({"serviceType", "headService", "enableIngress", "rayStartParams", "template"},
+                      {"rayStartParams", "template"}),
+    "WorkerGroupSpec": ({"groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "idleTimeoutSeconds",
+                         "rayStartParams", "template", "scaleStrategy", "suspend"},
+                        {"groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"}),
+}
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict:
+    (doc,) = _documents(RAYSERVICE)
+    return doc
+
+
+def _kuberay_problems(doc: dict) -> list[str]:
+    problems = []
+
+    def check(kind: str, value: dict) -> None:
+        allowed, required = KUBERAY_FIELDS[kind]
+        problems.extend(f"{kind}: unknown field {name}" for name in sorted(set(value) - allowed))
+        problems.extend(f"{kind}: missing field {name}" for name in sorted(required - set(value)))
+
+    if (doc.get("apiVersion"), doc.get("kind")) != ("ray.io/v1", "RayService"):
+        problems.append("not a ray.io/v1 RayService")
+    check("RayServiceSpec", doc["spec"])
+    cluster = doc["spec"].get("rayClusterConfig", {})
+    check("RayClusterSpec", cluster)
+    groups = [("HeadGroupSpec", cluster.get("headGroupSpec", {}))]
+    groups += [("WorkerGroupSpec", group) for group in cluster.get("workerGroupSpecs", [])]
+    for kind, group in groups:
+        check(kind, group)
+        params = group.get("rayStartParams", {})
+        problems.extend(f"{kind}: rayStartParams.{k} is not a string" for k, v in params.items() if not isinstance(v, str))
+    if not isinstance(doc["spec"].get("serveConfigV2"), str):
+        problems.append("serveConfigV2 is not a string")
+    return problems
+
+
+def _pod_templates(rayservice: dict) -> list[dict]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"], *(group["template"] for group in cluster["workerGroupSpecs"])]
+
+
+def test_rayservice_has_kuberays_fields(rayservice: dict) -> None:
+    assert _kuberay_problems(rayservice) == []
+    typo = json.loads(json.dumps(rayservice))
+    typo["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 4
+    assert _kuberay_problems(typo) == ["WorkerGroupSpec: unknown field maxReplica"]  # the check can fail
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_rayservice_pod_templates_validate_strictly(rayservice: dict, version: str) -> None:
+    import kubernetes_validate
+
+    for template in _pod_templates(rayservice):
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "loraserve"},
+                        "template": template}
+        kubernetes_validate.validate(pod_template, version, strict=True)  # raises on any schema error
+
+
+def test_rayservice_serve_config_is_rays_and_builds_loraserve(rayservice: dict) -> None:
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    assert app.route_prefix == "/"
+    module, _, attribute = app.import_path.partition(":")
+    builder = getattr(importlib.import_module(module), attribute)
+    assert isinstance(builder(dict(app.args)), Application)  # every arg is a loraserve flag or a builder argument
+    with pytest.raises(ValueError, match="kv_cache_memroy"):
+        builder({**app.args, "kv_cache_memroy": "1"})
+    # the Serve port is the head's `serve` port; KubeRay's Serve Service targets it
+    head, *workers = _pod_templates(rayservice)
+    head_ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+    assert head_ports["serve"] == config.http_options.port == 8000
+    # one engine replica per worker pod, up to the autoscaler's bound
+    (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert float(app.args["replica_num_cpus"]) == float(group["rayStartParams"]["num-cpus"])
+    assert json.loads(app.args["autoscaling_config"])["max_replicas"] == group["maxReplicas"]
+    assert rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_rayservice_pods_fit_the_image(rayservice: dict) -> None:
+    ray_pin = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+                   ["optional-dependencies"]["ray"] if d.startswith("ray[serve]=="))
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray_pin.split("==")[1]
+    for template in _pod_templates(rayservice):
+        security = template["spec"]["securityContext"]
+        assert security["runAsNonRoot"] and security["runAsUser"] == security["fsGroup"] == IMAGE_UID
+        (container,) = template["spec"]["containers"]
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert set(env) <= KNOWN_ENV and env["LORASERVE_CACHE"] == "/data"
+        assert env["OMP_NUM_THREADS"] == container["resources"]["limits"]["cpu"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory" and mounts["/data"] in volumes
+        for probe in ("readinessProbe", "livenessProbe"):  # our own, so KubeRay does not add its wget ones
+            command = container[probe]["exec"]["command"]
+            assert command[:2] == ["python", "/usr/local/bin/loraserve-healthcheck"]
+            assert "http://127.0.0.1:52365/api/local_raylet_healthz" in command[2:]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

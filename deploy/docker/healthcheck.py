@@ -5,6 +5,9 @@
 marks the container `starting` (within --start-period) then `unhealthy` if it never gets there. The port is the
 `PORT` variable (set it rather than `--port` in a container, so this check finds the server); the address is
 loopback unless LORASERVE_HOSTNAME names one address. Standard library only: the image has no curl.
+
+Given URLs as arguments, it checks each of them instead: the KubeRay pods (deploy/kubernetes/ray/) probe Ray's own
+health endpoints with it, since KubeRay's default probes run `wget`, which the image does not have either.
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ def health_url() -> str:
     return f"http://{host}:{os.environ.get('PORT') or '3000'}/health"
 
 
-def main() -> int:
-    url = health_url()
+def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=float(os.environ.get("LORASERVE_HEALTHCHECK_TIMEOUT", "4"))) as reply:
             status = reply.status
@@ -33,12 +35,16 @@ def main() -> int:
         status = error.code
     except (OSError, ValueError) as error:
         print(f"loraserve-healthcheck: {url}: {error}", file=sys.stderr)
-        return 1
+        return False
     if status != 200:
         print(f"loraserve-healthcheck: {url} answered {status}", file=sys.stderr)
-        return 1
-    return 0
+        return False
+    return True
+
+
+def main(urls: list[str]) -> int:
+    return 0 if all(healthy(url) for url in urls or [health_url()]) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
