@@ -20,7 +20,7 @@ service time), counting real loads for: Ray's default router with the multiplexe
     .venv/bin/python benchmarks/ray_affinity.py            # simulation: table, plot, markdown section
     .venv/bin/python benchmarks/ray_affinity.py --ray      # plus the Ray measurement (~1-2 minutes)
 
-Prints the section for benchmarks/RESULTS.md; does not write it. Saves benchmarks/plots/ray_affinity.png.
+Writes its section of benchmarks/RESULTS.md (and prints it); saves benchmarks/plots/ray_affinity.png.
 """
 
 from __future__ import annotations
@@ -32,11 +32,14 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from results_file import machine, replace_section
 
 PLOT = Path(__file__).parent / "plots" / "ray_affinity.png"
+HEADING = "## Adapter affinity across replicas (Ray Serve multiplexing)"
 POLICIES = ("random", "affinity", "hash")
 
 
@@ -228,8 +231,10 @@ def main() -> None:
     setup = (f"{args.replicas} replicas x LRU of {args.capacity} adapters, Zipf s={args.zipf}, {args.rate:g} req/s "
              f"Poisson, mean service {args.service_s:g} s, max {args.max_ongoing} ongoing per replica, "
              f"{args.requests} requests, seed {args.seed}")
-    lines = ["## Adapter affinity across replicas (Ray Serve multiplexing), simulated", "",
-             f"`python benchmarks/ray_affinity.py{' --ray' if args.ray else ''}`; {setup}.", "",
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M")
+    lines = [f"{HEADING} ({stamp})", "",
+             f"`python benchmarks/ray_affinity.py{' --ray' if args.ray else ''}`; machine: {machine()}.", "",
+             f"Simulated: {setup}.", "",
              "| adapters | hit rate random | hit rate affinity | hit rate hash | loads/s random | loads/s affinity "
              "| loads/s hash | busiest replica's share (random / affinity / hash) | replicas per adapter "
              "(random / affinity / hash) |",
@@ -263,8 +268,8 @@ def main() -> None:
 
     _plot(rows, setup)
     lines += ["", f"![adapter affinity](plots/{PLOT.name})"]
-    table = "\n".join(lines)
-    print(table)
+    print("\n".join(lines))
+    replace_section(HEADING, lines)
 
 
 def _plot(rows: list, setup: str) -> None:

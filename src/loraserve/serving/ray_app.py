@@ -587,6 +587,17 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _cpu_share(engine_config: "EngineConfig", replicas: int) -> int | None:
+    """The cores each CPU replica gets on a one-machine Ray: its share of them. Ray gives an actor one CPU and sets
+    its OMP_NUM_THREADS to it, so without this a single replica on a many-core machine would decode on one thread.
+    None (Ray's default) on a multi-node cluster or a GPU, where `app_builder`'s replica_num_cpus says it."""
+    import ray
+
+    if engine_config.torch_device().type != "cpu" or len(ray.nodes()) != 1:
+        return None
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
+
+
 def serve_with_ray(engine_config: "EngineConfig", server_config: "ServerConfig", replicas: int,
                    autoscaling: dict | None = None) -> None:
     """`loraserve serve --ray-replicas N`: join the Ray cluster at RAY_ADDRESS, else start a local one (`ray.init()`
@@ -606,8 +617,9 @@ def serve_with_ray(engine_config: "EngineConfig", server_config: "ServerConfig",
     signal.signal(signal.SIGTERM, stop)
     try:
         serve.start(http_options={"host": server_config.hostname, "port": server_config.port})
+        share = None if autoscaling else _cpu_share(engine_config, replicas)
         application = build_app(engine_config, server_config, num_replicas=None if autoscaling else replicas,
-                                autoscaling_config=autoscaling)
+                                autoscaling_config=autoscaling, replica_num_cpus=share, torch_threads=share)
         serve.run(application, name=APP_NAME, route_prefix="/")
         logger.info("serving on http://%s:%d with %s engine replicas", server_config.hostname, server_config.port,
                     "autoscaled" if autoscaling else replicas)
