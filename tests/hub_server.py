@@ -3,10 +3,13 @@
 It serves folders registered as repos: the revision info, the recursive tree and `resolve` downloads, with the
 headers the client reads (X-Repo-Commit, ETag, Content-Length). A private repo answers 401 unless the request carries
 its token; unknown repos answer 404. It runs uvicorn in a thread on a free loopback port and records every request.
+Faults on demand: a repo that answers every request with an error status (`fail`), or whose file downloads stop
+half-way until released (`stall`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from server_process import free_port
 
 
@@ -24,6 +27,8 @@ class Repo:
     folder: Path
     token: str | None = None  # None = public
     sha: str = field(default="")
+    failure: tuple[int, str] | None = None  # (status, message) answered to every request
+    stalled: threading.Event | None = None  # set: downloads go on
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.folder.rglob("*") if p.is_file())
@@ -43,6 +48,15 @@ class HubServer:
                                                           if p.is_file())).hexdigest()
         self.repos[repo_id] = Repo(folder, token, digest)
 
+    def fail(self, repo_id: str, status: int, message: str) -> None:
+        """Every request for `repo_id` answers `status` with `{"error": message}` and no X-Error-Code."""
+        self.repos[repo_id].failure = (status, message)
+
+    def stall(self, repo_id: str) -> threading.Event:
+        """Downloads of `repo_id`'s files send half of each file, then nothing until the returned event is set."""
+        released = self.repos[repo_id].stalled = threading.Event()
+        return released
+
     def __enter__(self) -> HubServer:
         self._thread.start()
         deadline = time.monotonic() + 20
@@ -60,6 +74,8 @@ class HubServer:
         repo = self.repos.get(repo_id)
         if repo is None:
             return JSONResponse({"error": "Repository not found"}, 404, headers={"X-Error-Code": "RepoNotFound"})
+        if repo.failure is not None:
+            return JSONResponse({"error": repo.failure[1]}, repo.failure[0])
         if repo.token is not None and request.headers.get("authorization") != f"Bearer {repo.token}":
             return JSONResponse({"error": "Invalid credentials"}, 401, headers={"X-Error-Code": "RepoNotFound"})
         return repo
@@ -104,6 +120,16 @@ class HubServer:
             headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{hashlib.sha1(path.read_bytes()).hexdigest()}"'}
             if request.method == "HEAD":
                 return Response(headers={**headers, "Content-Length": str(path.stat().st_size)})
+            if repo.stalled is not None:
+                return StreamingResponse(_halves(path.read_bytes(), repo.stalled),
+                                         headers={**headers, "Content-Length": str(path.stat().st_size)})
             return FileResponse(path, headers=headers)
 
         return app
+
+
+async def _halves(content: bytes, released: threading.Event):  # noqa: ANN202 - an async generator of bytes
+    yield content[: len(content) // 2]
+    while not released.is_set():
+        await asyncio.sleep(0.05)
+    yield content[len(content) // 2 :]

@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,8 +26,18 @@ def running_server(args: list[str], log_path: Path, env: dict[str, str] | None =
                    timeout: float = 180.0, until_ready: bool = True) -> Iterator[str]:
     """Yield the base URL of a `loraserve serve` process started with `args` once /health answers 200 (or, with
     `until_ready=False`, once it answers at all: the model may still be loading); the process is stopped on exit."""
+    with server_process(args, log_path, env, timeout, until_ready) as (base_url, _):
+        yield base_url
+
+
+@contextmanager
+def server_process(args: list[str], log_path: Path, env: dict[str, str] | None = None, timeout: float = 180.0,
+                   until_ready: bool = True, wrapper: Sequence[str] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`running_server`, also yielding the process (to read its /proc entry); `wrapper` prefixes the command (e.g.
+    `setpriv` to run it with fewer capabilities)."""
     port = free_port()
-    command = [sys.executable, "-m", "loraserve.cli", "serve", "--hostname", "127.0.0.1", "--port", str(port), *args]
+    command = [*wrapper, sys.executable, "-m", "loraserve.cli", "serve", "--hostname", "127.0.0.1", "--port",
+               str(port), *args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     base_url = f"http://127.0.0.1:{port}"
@@ -48,7 +58,7 @@ def running_server(args: list[str], log_path: Path, env: dict[str, str] | None =
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not healthy after {timeout} s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.3)
-        yield base_url
+        yield base_url, process
     finally:
         process.terminate()
         try:

@@ -116,7 +116,9 @@ def test_a_load_that_raises_anything_fails_every_waiter_and_hangs_nobody(fleet: 
         waiter.join(timeout=10)
     assert not any(waiter.is_alive() for waiter in waiters), "a request for the broken adapter hangs"
     assert len(errors) == 8
-    assert all(isinstance(e, AdapterLoadError) and "RuntimeError: boom" in str(e) for e in errors), errors
+    # the kind of the failure, not its text (which may name server folders): that goes to the log
+    assert all(isinstance(e, AdapterLoadError) and "(RuntimeError)" in str(e) and "boom" not in str(e)
+               for e in errors), errors
     monkeypatch.undo()
     engine.adapters.host.clock = lambda: 1e9  # past the failure's memory
     assert engine.adapters.prepare(ref).adapter.max_rank == 4

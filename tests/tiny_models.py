@@ -129,9 +129,10 @@ _ARCHITECTURE_CLASS = {
 ARCHITECTURES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
 
 
-def save_tiny_chat_model(path: Path) -> Path:
-    """A tiny Gemma 3 whose tokenizer carries the chat template loraserve ships for Gemma 3 (chat routes need one)."""
-    save_tiny_model(tiny_config("gemma3"), path)
+def save_tiny_chat_model(path: Path, config: PretrainedConfig | None = None) -> Path:
+    """A tiny Gemma 3 (or `config`, a variant of `tiny_config("gemma3")`) whose tokenizer carries the chat template
+    loraserve ships for Gemma 3 (chat routes need one)."""
+    save_tiny_model(config or tiny_config("gemma3"), path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.chat_template = files("loraserve").joinpath("templates", "gemma3.jinja").read_text()
     tokenizer.save_pretrained(path)

@@ -37,6 +37,12 @@ _ENGINE_FLAGS = {
     "allowed_hub_orgs": "Hub users/organisations adapters may come from (repeatable; env: comma-separated)",
     "max_adapter_bytes": "largest adapter accepted, in bytes (default 4 GiB)",
     "allow_pickle_adapters": "true: read adapter_model.bin (weights_only) when there is no safetensors file",
+    "adapter_download_timeout": "seconds a request waits for its adapter's download (Hub or S3) or read before "
+                                "it fails with 424; a stalled download fails only the requests for that adapter "
+                                "(default 120)",
+    "max_request_seconds": "the longest a request may run, queueing and adapter loading included: its "
+                           "`request_timeout` is capped to it, and a request without one gets it; past it the "
+                           "request is aborted with 504 (default 600)",
     "lora_modules": "adapters registered by name at start: NAME=PATH (at --adapter-source) or "
                     '\'{"name": ..., "path": ..., "source": ...}\' (repeatable, space-separated)',
     "adapter_uses_server_token": "true: adapter downloads without a token of their own use the server's HF_TOKEN",
@@ -50,11 +56,24 @@ _SERVER_FLAGS = {
     "api_keys_file": "JSON file of keys with their tenant and the adapters/sources each may use",
     "metrics_require_key": "true: /metrics needs an API key too (default: open to scrapers)",
     "max_request_bytes": "larger request bodies answer 413 (default 8 MiB)",
+    "stream_idle_timeout": "seconds a response may wait on a client that reads nothing (a send blocked on it) "
+                           "before the response is ended and its request aborted (default 60)",
     "ray_replicas": "serve through Ray Serve with N engine replicas and adapter-affinity routing (RAY_ADDRESS joins "
                     "a cluster; default 0: one process)",
     "ray_autoscaling_config": "Ray Serve autoscaling_config as JSON, instead of a fixed --ray-replicas",
     "shutdown_timeout": "seconds SIGTERM lets accepted requests finish (503 to new ones) before ending them "
                         "with an error (default 30)",
+    "max_stop_sequences": "stop sequences per request (default 4, as LoRAX)",
+    "max_stop_sequence_length": "characters per stop sequence (default 256)",
+    "max_best_of": "largest LoRAX `best_of`: sequences sampled to return the likeliest (default 2, as LoRAX)",
+    "max_n": "largest OpenAI `n`: choices per request (default 16)",
+    "max_merged_adapters": "adapters one `merged_adapters` request may merge (default 32)",
+    "max_json_schema_bytes": "largest JSON schema of a constrained request, as compact JSON (default 65536)",
+    "max_json_schema_depth": "deepest nesting of objects and arrays in that schema (default 64)",
+    "max_regex_length": "longest regex of a constrained request, in characters (default 4096)",
+    "rate_limit_per_minute": "requests per minute per tenant (per client address without API keys); over it 429 "
+                             "with Retry-After (default 0: no limit)",
+    "rate_limit_burst": "requests a caller may send at once before the rate applies (default: a minute's worth)",
 }
 
 

@@ -96,6 +96,8 @@ class EngineConfig:
     allowed_hub_orgs: tuple[str, ...] = ()  # none = every Hub user and organisation
     max_adapter_bytes: int = 4 << 30  # one adapter's weights, checked before downloading and when read
     allow_pickle_adapters: bool = False  # read adapter_model.bin (with torch.load(weights_only=True))
+    adapter_download_timeout: float = 120.0  # seconds a request waits for its adapter's download (Hub, S3) or read
+    max_request_seconds: float = 600.0  # the longest deadline a request may have (and the deadline of those without)
     cache_dir: Path = field(default_factory=default_cache_dir)
     hf_token: str | None = field(default_factory=hf_token_from_env)
     # Lend the server's HF token to adapter downloads of requests that bring none (LoRAX: LORAX_USE_GLOBAL_HF_TOKEN).
@@ -117,6 +119,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_active_adapters < 0:
             raise ValueError(f"max_active_adapters must be >= 0, got {self.max_active_adapters}")
+        for name in ("adapter_download_timeout", "max_request_seconds"):
+            if not getattr(self, name) > 0:  # NaN too
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.max_lora_rank is not None and self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.adapter_source not in ADAPTER_SOURCES:
@@ -162,8 +167,21 @@ class ServerConfig:
     metrics_require_key: bool = False  # /metrics needs a key too (it is open by default, for scrapers)
     max_request_bytes: int = 8 << 20  # larger bodies answer 413 before they are parsed
     shutdown_timeout: float = 30.0  # seconds a signal lets accepted requests finish before ending them
+    stream_idle_timeout: float = 60.0  # seconds a response may wait on a client that reads nothing before it ends
     ray_replicas: int = 0  # > 0: serve through Ray Serve with this many engine replicas and adapter affinity
     ray_autoscaling_config: dict | None = None  # Ray Serve's autoscaling_config, instead of a fixed ray_replicas
+    # what one request may ask for (server/limits.py); over a limit: 422 naming its flag
+    max_stop_sequences: int = 4  # LoRAX's default
+    max_stop_sequence_length: int = 256  # characters per stop sequence
+    max_best_of: int = 2  # LoRAX's `best_of` (LoRAX's default)
+    max_n: int = 16  # OpenAI's `n`: choices per request
+    max_merged_adapters: int = 32  # `merged_adapters.ids` per request
+    max_json_schema_bytes: int = 64 << 10  # a constrained request's JSON schema, as compact JSON
+    max_json_schema_depth: int = 64  # nesting of objects and arrays in that schema
+    max_regex_length: int = 4096  # characters of a constrained request's regex
+    # per tenant (per client address on a server without keys): 429 with Retry-After over it; 0 = no limit
+    rate_limit_per_minute: float = 0.0
+    rate_limit_burst: int | None = None  # requests at once before the rate applies; None = a minute's worth
 
     def __post_init__(self) -> None:
         if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(("http://", "https://")):
@@ -178,6 +196,16 @@ class ServerConfig:
             raise ValueError(f"ray_replicas must be >= 0, got {self.ray_replicas}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if not self.stream_idle_timeout > 0:  # NaN too
+            raise ValueError(f"stream_idle_timeout must be > 0 seconds, got {self.stream_idle_timeout}")
+        for name in ("max_stop_sequences", "max_stop_sequence_length", "max_best_of", "max_n", "max_merged_adapters",
+                     "max_json_schema_bytes", "max_json_schema_depth", "max_regex_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.rate_limit_per_minute >= 0:  # NaN too
+            raise ValueError(f"rate_limit_per_minute must be >= 0, got {self.rate_limit_per_minute}")
+        if self.rate_limit_burst is not None and self.rate_limit_burst < 1:
+            raise ValueError(f"rate_limit_burst must be >= 1, got {self.rate_limit_burst}")
         self.api_key = tuple(self.api_key)
         if any(not key.strip() for key in self.api_key):
             raise ValueError("an API key must not be empty")
@@ -217,6 +245,8 @@ FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "allowed_hub_orgs": ("ALLOWED_HUB_ORGS", lambda raw: tuple(o.strip() for o in raw.split(",") if o.strip())),
     "max_adapter_bytes": ("MAX_ADAPTER_BYTES", int),
     "allow_pickle_adapters": ("ALLOW_PICKLE_ADAPTERS", _flag_bool),
+    "adapter_download_timeout": ("ADAPTER_DOWNLOAD_TIMEOUT", float),
+    "max_request_seconds": ("MAX_REQUEST_SECONDS", float),
     "adapter_uses_server_token": ("LORAX_USE_GLOBAL_HF_TOKEN", _flag_bool),
     "hostname": ("LORASERVE_HOSTNAME", str),
     "port": ("PORT", int),
@@ -226,9 +256,20 @@ FLAG_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "api_keys_file": ("LORASERVE_API_KEYS_FILE", Path),
     "metrics_require_key": ("LORASERVE_METRICS_REQUIRE_KEY", _flag_bool),
     "shutdown_timeout": ("SHUTDOWN_TIMEOUT", float),
+    "stream_idle_timeout": ("STREAM_IDLE_TIMEOUT", float),
     "max_request_bytes": ("MAX_REQUEST_BYTES", int),
     "ray_replicas": ("RAY_REPLICAS", int),
     "ray_autoscaling_config": ("RAY_AUTOSCALING_CONFIG", json.loads),
+    "max_stop_sequences": ("MAX_STOP_SEQUENCES", int),
+    "max_stop_sequence_length": ("MAX_STOP_SEQUENCE_LENGTH", int),
+    "max_best_of": ("MAX_BEST_OF", int),
+    "max_n": ("MAX_N", int),
+    "max_merged_adapters": ("MAX_MERGED_ADAPTERS", int),
+    "max_json_schema_bytes": ("MAX_JSON_SCHEMA_BYTES", int),
+    "max_json_schema_depth": ("MAX_JSON_SCHEMA_DEPTH", int),
+    "max_regex_length": ("MAX_REGEX_LENGTH", int),
+    "rate_limit_per_minute": ("RATE_LIMIT_PER_MINUTE", float),
+    "rate_limit_burst": ("RATE_LIMIT_BURST", int),
 }
 
 

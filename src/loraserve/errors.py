@@ -43,3 +43,7 @@ class ClientGone(LoraserveError):
 
 class AdapterInUse(LoraserveError):
     """An adapter cannot be unloaded while requests in flight read it."""
+
+
+class DeadlineExceeded(LoraserveError):
+    """The request did not finish within its deadline; it was aborted and its KV blocks and adapter freed."""

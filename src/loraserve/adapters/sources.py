@@ -4,6 +4,10 @@ What a request may name is bounded by an `AdapterSourcePolicy`: local adapters o
 (after symlinks), S3 buckets and Hub organisations from allow-lists, a size cap, and pickled weights only when the
 operator allows them. Errors name what the request gave (the adapter id) and a short reason; they never echo a
 server folder, nor the Hub's or the S3 store's internal URLs.
+
+Downloads are bounded in time: every network read waits at most the download timeout, and an S3 download that is
+still running when that much time has passed since it began stops there (a store that drips bytes would otherwise
+hold its thread for ever). The Hub's reads are bounded by huggingface_hub's own per-read timeout.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 from boto3.exceptions import Boto3Error
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from huggingface_hub import HfApi, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
@@ -44,6 +51,8 @@ _PARTIAL = ".partial"  # under cache_dir/s3: downloads in progress (never listed
 _OLD = ".replaced-"  # `<adapter folder>.replaced-<uuid>`: a previous download being swapped out
 _MAX_S3_ENTRIES = 10_000  # direct children of an S3 adapter prefix listed before giving up
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_S3_CHUNK = 1 << 20
+DEFAULT_DOWNLOAD_TIMEOUT = 120.0  # seconds (--adapter-download-timeout)
 
 
 @dataclass(frozen=True)
@@ -86,14 +95,19 @@ class AdapterSourcePolicy:
 _OPEN = AdapterSourcePolicy()
 
 
+def download_timeout_error(adapter_id: str, timeout: float) -> AdapterLoadError:
+    return AdapterLoadError(f"adapter {adapter_id!r}: the download did not finish within {timeout:g} s "
+                            "(--adapter-download-timeout)")
+
+
 def resolve_adapter(
     adapter_id: str, source: str, token: str | None, cache_dir: Path, s3_endpoint_url: str | None = None, *,
-    policy: AdapterSourcePolicy = _OPEN,
+    policy: AdapterSourcePolicy = _OPEN, timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
 ) -> Path:
     """The local folder holding `adapter_id`'s PEFT files, downloading from the Hub (with `token`) or S3 if needed,
-    within what `policy` allows."""
+    within what `policy` allows and within `timeout` seconds per network read (for S3, in all)."""
     if source == "s3":
-        return _from_s3(adapter_id, cache_dir / "s3", s3_endpoint_url, policy)
+        return _from_s3(adapter_id, cache_dir / "s3", s3_endpoint_url, policy, timeout)
     if source == "local":
         return _local(adapter_id, policy)
     if source != "hub":
@@ -101,7 +115,7 @@ def resolve_adapter(
     if not policy.hub_org_allowed(adapter_id):
         raise AdapterNotFound(f"adapter {adapter_id!r}: this server loads Hub adapters only from the organisations "
                               f"{', '.join(policy.allowed_hub_orgs)}")
-    info = _hub_info(adapter_id, token, files_metadata=True)
+    info = _hub_info(adapter_id, token, timeout, files_metadata=True)
     patterns = list(_ADAPTER_FILES)
     if info is not None:
         _check_hub_files(adapter_id, info, policy)
@@ -110,7 +124,7 @@ def resolve_adapter(
     try:
         # token=False: never let huggingface_hub fall back to the server's HF_TOKEN behind the request's back
         path = snapshot_download(adapter_id, revision=info.sha if info is not None else None, token=token or False,
-                                 cache_dir=str(cache_dir), allow_patterns=patterns)
+                                 cache_dir=str(cache_dir), allow_patterns=patterns, etag_timeout=timeout)
         return Path(path)
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, LocalEntryNotFoundError,
             HFValidationError) as error:
@@ -121,7 +135,8 @@ def resolve_adapter(
         raise AdapterLoadError(f"adapter {adapter_id!r}: download from the Hub failed ({_hub_reason(error)})") from None
 
 
-def check_hub_access(adapter_id: str, token: str | None, *, policy: AdapterSourcePolicy = _OPEN) -> str | None:
+def check_hub_access(adapter_id: str, token: str | None, *, policy: AdapterSourcePolicy = _OPEN,
+                     timeout: float = DEFAULT_DOWNLOAD_TIMEOUT) -> str | None:
     """The commit of `adapter_id`'s main branch as `token` sees it; raises `AdapterNotFound` if it cannot see it.
 
     An explicit metadata call, because `snapshot_download` answers a refused request from the local cache when the
@@ -131,13 +146,15 @@ def check_hub_access(adapter_id: str, token: str | None, *, policy: AdapterSourc
     if not policy.hub_org_allowed(adapter_id):
         raise AdapterNotFound(f"adapter {adapter_id!r}: this server loads Hub adapters only from the organisations "
                               f"{', '.join(policy.allowed_hub_orgs)}")
-    info = _hub_info(adapter_id, token)
+    info = _hub_info(adapter_id, token, timeout)
     return None if info is None else info.sha
 
 
-def _hub_info(adapter_id: str, token: str | None, files_metadata: bool = False):  # noqa: ANN202 - huggingface ModelInfo
+def _hub_info(adapter_id: str, token: str | None, timeout: float,  # noqa: ANN202 - huggingface ModelInfo
+              files_metadata: bool = False):
     try:
-        return HfApi().model_info(adapter_id, revision="main", token=token or False, files_metadata=files_metadata)
+        return HfApi().model_info(adapter_id, revision="main", token=token or False, timeout=timeout,
+                                  files_metadata=files_metadata)
     except OfflineModeIsEnabled:
         return None
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, HFValidationError) as error:
@@ -146,6 +163,10 @@ def _hub_info(adapter_id: str, token: str | None, files_metadata: bool = False):
         raise AdapterNotFound(f"adapter {adapter_id!r} not found on the Hub, or not visible with the request's "
                               f"token ({_hub_reason(error)})") from None
     except Exception as error:  # noqa: BLE001 - network and server failures of every kind
+        if getattr(getattr(error, "response", None), "status_code", None) in (401, 403):  # a token the Hub refuses
+            logger.info("Hub adapter %r refused: %s", adapter_id, error)
+            raise AdapterNotFound(f"adapter {adapter_id!r} not found on the Hub, or not visible with the request's "
+                                  f"token ({_hub_reason(error)})") from None
         logger.warning("the Hub did not answer for adapter %r: %s", adapter_id, error)
         raise AdapterLoadError(f"adapter {adapter_id!r}: the Hub did not answer ({_hub_reason(error)})") from None
 
@@ -227,9 +248,11 @@ def _local(adapter_id: str, policy: AdapterSourcePolicy) -> Path:
     raise refused
 
 
-def _from_s3(adapter_id: str, cache_dir: Path, endpoint_url: str | None, policy: AdapterSourcePolicy) -> Path:
+def _from_s3(adapter_id: str, cache_dir: Path, endpoint_url: str | None, policy: AdapterSourcePolicy,
+             timeout: float) -> Path:
     """`s3://bucket/prefix` (or `bucket/prefix`): the adapter files directly under the prefix, downloaded into a
     temporary folder and moved into the cache in one rename, so a partial download is never taken for an adapter."""
+    deadline = time.monotonic() + timeout
     bucket, _, prefix = adapter_id.removeprefix("s3://").partition("/")
     prefix = prefix.rstrip("/")
     if not bucket or not prefix:
@@ -240,8 +263,8 @@ def _from_s3(adapter_id: str, cache_dir: Path, endpoint_url: str | None, policy:
     if not policy.bucket_allowed(bucket):
         raise AdapterNotFound(f"adapter {adapter_id!r}: this server does not load adapters from bucket {bucket!r}")
     target = cache_dir / bucket / prefix
-    client = boto3.client("s3", endpoint_url=endpoint_url)
     try:
+        client = _s3_client(endpoint_url, timeout)
         sizes = _list_s3_adapter(adapter_id, client, bucket, prefix)
         if not sizes:
             raise AdapterNotFound(f"adapter {adapter_id!r}: no objects under s3://{bucket}/{prefix}/")
@@ -258,12 +281,10 @@ def _from_s3(adapter_id: str, cache_dir: Path, endpoint_url: str | None, policy:
         partial_root.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(dir=partial_root))
         try:
+            downloaded = 0
             for name in sizes:
-                client.download_file(bucket, f"{prefix}/{name}", str(partial / name))
-            downloaded = sum((partial / name).stat().st_size for name in sizes)
-            if downloaded > policy.max_adapter_bytes:  # the objects changed since they were listed
-                raise AdapterLoadError(f"adapter {adapter_id!r} is {downloaded} bytes, over this server's limit of "
-                                       f"{policy.max_adapter_bytes} bytes per adapter")
+                downloaded = _download_s3_object(client, bucket, f"{prefix}/{name}", partial / name, downloaded,
+                                                 deadline, adapter_id, policy, timeout)
             _move_into_place(partial, target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
@@ -281,6 +302,43 @@ def _from_s3(adapter_id: str, cache_dir: Path, endpoint_url: str | None, policy:
         raise AdapterLoadError(f"adapter {adapter_id!r}: could not store the download "
                                f"({error.strerror or type(error).__name__})") from None
     return target
+
+
+_s3_clients: dict[tuple[str | None, float], object] = {}
+_s3_clients_lock = threading.Lock()
+
+
+def _s3_client(endpoint_url: str | None, timeout: float):  # noqa: ANN202 - botocore's generated S3 client class
+    """One client per endpoint and timeout, shared by every download thread: a client is thread-safe once made, but
+    making clients from boto3's default session in several threads at once is not."""
+    with _s3_clients_lock:
+        client = _s3_clients.get((endpoint_url, timeout))
+        if client is None:
+            config = Config(connect_timeout=timeout, read_timeout=timeout,
+                            retries={"max_attempts": 3, "mode": "standard"})
+            client = _s3_clients[(endpoint_url, timeout)] = boto3.client("s3", endpoint_url=endpoint_url,
+                                                                         config=config)
+        return client
+
+
+def _download_s3_object(client: object, bucket: str, key: str, destination: Path, downloaded: int, deadline: float,
+                        adapter_id: str, policy: AdapterSourcePolicy, timeout: float) -> int:
+    """Stream one object to `destination`, stopping once the adapter's bytes pass the size cap (the objects changed
+    since they were listed) or the download passes its deadline; returns the adapter's bytes so far."""
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        with destination.open("wb") as out:
+            for chunk in body.iter_chunks(_S3_CHUNK):
+                downloaded += len(chunk)
+                if downloaded > policy.max_adapter_bytes:
+                    raise AdapterLoadError(f"adapter {adapter_id!r} is over this server's limit of "
+                                           f"{policy.max_adapter_bytes} bytes per adapter")
+                if time.monotonic() > deadline:
+                    raise download_timeout_error(adapter_id, timeout)
+                out.write(chunk)
+    finally:
+        body.close()
+    return downloaded
 
 
 def _safe_relative(path: str) -> bool:

@@ -5,6 +5,12 @@ The event loop never waits on the model, and the step loop never waits on a clie
 the loop thread through one inbox that is drained before every step; outputs cross back with
 `call_soon_threadsafe`. A consumer that stops iterating (a client that disconnected) aborts its request, which frees
 its KV blocks before the next step.
+
+Every request has a deadline: its own `timeout`, capped by `max_request_seconds` (which is also the deadline of a
+request without one), counted from its submission. The loop thread checks deadlines before every step: a request
+past its deadline is aborted there, whatever its consumer is doing (reading, or stuck writing to a client), and its
+consumer gets `DeadlineExceeded` as its next item. Waiting for the adapter is bounded by the deadline too, and by
+the download timeout.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -28,7 +35,7 @@ from loraserve.engine.engine import Engine, RequestOutput
 from loraserve.engine.request import AdapterRef, Request
 from loraserve.engine.residency import AdapterInfo
 from loraserve.engine.stats import EngineInfo, EngineStats
-from loraserve.errors import AdapterNotFound, EngineDead
+from loraserve.errors import AdapterNotFound, DeadlineExceeded, EngineDead, InvalidRequest
 from loraserve.sampling.grammar import GrammarSpec
 from loraserve.sampling.params import SamplingParams
 
@@ -36,10 +43,30 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class _Deadline:
+    """When a request must be done by: `seconds` after it was submitted."""
+
+    seconds: float
+    at: float  # time.monotonic()
+
+    @classmethod
+    def after(cls, seconds: float) -> _Deadline:
+        return cls(seconds, time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def exceeded(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"the request did not finish within {self.seconds:g} s (its request_timeout, at most "
+                                "--max-request-seconds); it was aborted")
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
+    deadline: _Deadline
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -51,6 +78,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}  # owned by the loop thread
+        self._next_deadline = math.inf  # no stream's deadline is earlier (owned by the loop thread)
         self._stop = False
         self._loop_thread: threading.Thread | None = None  # the thread running the step loop, once it runs
 
@@ -98,21 +126,33 @@ class AsyncEngine:
 
     def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-        adapter: AdapterRef | None = None,
+        adapter: AdapterRef | None = None, timeout: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Validate now (raising `InvalidRequest` here, before any response is started) and return the stream of the
         request's outputs; iterating it loads the adapter into host memory off the step loop, enqueues the request
-        and yields outputs until the last, which has `finished` set. Must be called from the event loop; it
-        tokenizes on it (`submit` does not)."""
-        return self._outputs(self._make_request(prompt, params, request_id, adapter))
+        and yields outputs until the last, which has `finished` set, or raises `DeadlineExceeded` once `timeout`
+        seconds (at most `max_request_seconds`) have passed. Must be called from the event loop; it tokenizes on it
+        (`submit` does not)."""
+        deadline = self._deadline(timeout)
+        return self._outputs(self._make_request(prompt, params, request_id, adapter), deadline)
 
     async def submit(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-        adapter: AdapterRef | None = None,
+        adapter: AdapterRef | None = None, timeout: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """`generate` with the tokenizing and validation in a worker thread: a long prompt never holds the event
         loop that streams everyone else's tokens (the server's path)."""
-        return self._outputs(await asyncio.to_thread(self._make_request, prompt, params, request_id, adapter))
+        deadline = self._deadline(timeout)
+        request = await asyncio.to_thread(self._make_request, prompt, params, request_id, adapter)
+        return self._outputs(request, deadline)
+
+    def _deadline(self, timeout: float | None) -> _Deadline:
+        limit = self.engine.config.max_request_seconds
+        if timeout is None:
+            return _Deadline.after(limit)
+        if not timeout > 0:  # NaN too
+            raise InvalidRequest(f"`request_timeout` must be a positive number of seconds, got {timeout}")
+        return _Deadline.after(min(timeout, limit))
 
     def _make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None,
                       adapter: AdapterRef | None) -> Request:
@@ -120,14 +160,14 @@ class AsyncEngine:
             raise EngineDead("the engine's step loop is not running")
         return self.engine.make_request(prompt, params, request_id, adapter)
 
-    async def _outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, request: Request, deadline: _Deadline) -> AsyncIterator[RequestOutput]:
         adapter = None
         if request.adapter is not None:
             # Off the step loop: other requests keep decoding while this adapter is read or downloaded. It is pinned
             # when the loop adds the request, so a client gone meanwhile leaves no pin behind.
-            adapter = await self._prepare(request.adapter)
+            adapter = await self._prepare(request.adapter, deadline)
             request.timings.adapter_ready = time.monotonic()
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), deadline)
         self._send("add", (request, stream, adapter))
         request_id = request.request_id
         finished = False
@@ -200,9 +240,21 @@ class AsyncEngine:
         await self.run_between_steps(lambda: residency.activate(entry))
         return entry
 
-    async def _prepare(self, ref: AdapterRef) -> HostAdapter:
-        """The adapter made host-resident in a worker thread (reading or downloading never runs on the loop)."""
-        return await asyncio.to_thread(self.engine.adapters.prepare, ref)
+    async def _prepare(self, ref: AdapterRef, deadline: _Deadline | None = None) -> HostAdapter:
+        """The adapter made host-resident, waited for at most the download timeout (and `deadline`). The reading or
+        downloading runs on the cache's own threads and is awaited here, so a stalled download holds no worker
+        thread that tokenizing or other adapters need."""
+        residency = self.engine.adapters
+        loading = await asyncio.to_thread(residency.fetch, ref)  # a local folder's files are stat'ed
+        wait = residency.limits.download_timeout
+        deadline_first = deadline is not None and deadline.remaining() < wait
+        if deadline_first:
+            wait = deadline.remaining()
+        try:
+            entry = await asyncio.wait_for(asyncio.wrap_future(loading), max(wait, 0.0))
+        except TimeoutError:
+            raise (deadline.exceeded() if deadline_first else residency.download_timed_out(ref)) from None
+        return residency.checked(ref, entry)
 
     async def unload_adapter(self, ref: AdapterRef) -> AdapterKey:
         """Free the adapter's device and host memory and forget its name (`ref.adapter_id` may be a name or an id at
@@ -246,6 +298,7 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stop:
             self._drain_inbox()
+            self._expire()
             if not self.engine.has_work():
                 self._wakeup.wait()
                 self._wakeup.clear()
@@ -287,6 +340,23 @@ class AsyncEngine:
             stream.put(error)
             return
         self._streams[request.request_id] = stream
+        self._next_deadline = min(self._next_deadline, stream.deadline.at)
+
+    def _expire(self) -> None:
+        """Abort every request past its deadline (its KV blocks and adapter pin freed before the next step) and hand
+        its consumer the error. Scans only once the earliest deadline seen may have passed."""
+        now = time.monotonic()
+        if now < self._next_deadline:
+            return
+        upcoming = math.inf
+        for request_id, stream in list(self._streams.items()):
+            if stream.deadline.at <= now:
+                del self._streams[request_id]
+                self.engine.abort(request_id)
+                stream.put(stream.deadline.exceeded())
+            else:
+                upcoming = min(upcoming, stream.deadline.at)
+        self._next_deadline = upcoming
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)

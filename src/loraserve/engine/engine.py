@@ -90,7 +90,8 @@ class Engine:
                             config.adapter_memory, config.cache_dir / "adapters", config.s3_endpoint_url,
                             AdapterSourcePolicy(config.adapter_root, config.allowed_s3_buckets,
                                                 config.allowed_hub_orgs, config.max_adapter_bytes,
-                                                config.allow_pickle_adapters)),
+                                                config.allow_pickle_adapters),
+                            config.adapter_download_timeout),
             dtype, device,
         )
         for entry in config.lora_modules:
@@ -139,7 +140,7 @@ class Engine:
             waiting_adapters=adapter_names(list(scheduler.waiting)),
             adapters=AdapterCounters(host.loads, host.hits, host.evictions, adapters.device_loads,
                                      adapters.device_evictions, adapters.device_count, adapters.device_bytes,
-                                     adapters.layer_bytes, host.nbytes, host.load_times()),
+                                     adapters.layer_bytes, host.nbytes, host.pinned, host.load_times()),
         )
 
     # -- requests -------------------------------------------------------------------------------------------------
@@ -159,13 +160,14 @@ class Engine:
             raise InvalidRequest(f"token ids must be in [0, {self.vocab_size}); the prompt holds one outside it")
         if len(token_ids) > self.max_input_length:
             raise ContextTooLong(
-                f"`inputs` must have less than {self.max_input_length + 1} tokens. Given: {len(token_ids)}"
+                f"`inputs` must have less than {self.max_input_length + 1} tokens (--max-input-length). "
+                f"Given: {len(token_ids)}"
             )
         if params.max_new_tokens is None:
             params = dataclasses.replace(params, max_new_tokens=self.max_total_tokens - len(token_ids))
         if len(token_ids) + params.max_new_tokens > self.max_total_tokens:
             raise ContextTooLong(
-                f"`inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens}. "
+                f"`inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens} (--max-total-tokens). "
                 f"Given: {len(token_ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`"
             )
         return Request(

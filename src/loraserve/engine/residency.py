@@ -7,7 +7,8 @@ name in a step's `LoRABatch`; it holds exactly its own ranks in the layers it ta
 follows what is resident, not slots x a maximum rank.
 
 The life of a request's adapter:
-- `prepare` (a worker thread): resolve the name, read or download the files into host memory, check they fit;
+- `fetch` then `checked` (or `prepare`, blocking): resolve the name, read or download the files into host memory on
+  a loader thread, wait for it at most the download timeout, check they fit;
 - `pin` (the step loop, when the request is added): the host entry cannot be evicted while the request lives;
 - `try_acquire` (the scheduler, at admission): copy into the device tier if needed, evicting idle adapters; False
   while the budget is held by adapters in use;
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,12 @@ from torch import nn
 
 from loraserve.adapters.cache import HostAdapter, HostAdapterCache
 from loraserve.adapters.registry import AdapterKey, AdapterNames
-from loraserve.adapters.sources import AdapterSourcePolicy, cached_on_disk
+from loraserve.adapters.sources import (
+    DEFAULT_DOWNLOAD_TIMEOUT,
+    AdapterSourcePolicy,
+    cached_on_disk,
+    download_timeout_error,
+)
 from loraserve.engine.request import AdapterPin, AdapterRef, Request
 from loraserve.errors import AdapterInUse, AdapterLoadError, InvalidRequest
 from loraserve.layers.embedding import VocabEmbedding
@@ -49,6 +56,7 @@ class ResidencyLimits:
     cache_dir: Path
     s3_endpoint_url: str | None = None
     sources: AdapterSourcePolicy = AdapterSourcePolicy()  # where adapters may come from, and what they may hold
+    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT  # seconds a request waits for its adapter to be fetched
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,7 @@ class AdapterResidency:
         if self.enabled and fused_lora_available(device):  # compiled (or loaded from its cache) now, not mid-step
             logger.info("fused LoRA op: %s", fused_lora_info())
         self.host = HostAdapterCache(projections, dtype, limits.cache_dir, limits.s3_endpoint_url, limits.host_bytes,
-                                     limits.sources)
+                                     limits.sources, download_timeout=limits.download_timeout)
         self._device: OrderedDict[tuple[AdapterKey, str], _DeviceAdapter] = OrderedDict()  # LRU first
         self._by_slot: dict[int, _DeviceAdapter] = {}
         self._free_slots: list[int] = []
@@ -125,12 +133,26 @@ class AdapterResidency:
         return self.names.lookup(ref.adapter_id) or AdapterKey(ref.source, ref.adapter_id)
 
     def prepare(self, ref: AdapterRef) -> HostAdapter:
-        """Host-resident and checked to fit (blocking: call it off the step loop); raises the adapter's own error."""
+        """Host-resident and checked to fit (blocking, at most the download timeout: call it off the step loop);
+        raises the adapter's own error."""
+        try:
+            entry = self.fetch(ref).result(timeout=self.limits.download_timeout)
+        except TimeoutError:
+            raise self.download_timed_out(ref) from None
+        return self.checked(ref, entry)
+
+    def fetch(self, ref: AdapterRef) -> Future[HostAdapter]:
+        """Start making the adapter host-resident; never waits on the network (see `HostAdapterCache.fetch`)."""
         self.require_enabled()
         if ref.merge is not None:
-            entry = self.host.get_merged(ref.merge, ref.source, ref.token)
-        else:
-            entry = self.host.get(self.key_of(ref), ref.token)
+            return self.host.fetch_merged(ref.merge, ref.source, ref.token)
+        return self.host.fetch(self.key_of(ref), ref.token)
+
+    def download_timed_out(self, ref: AdapterRef) -> AdapterLoadError:
+        return download_timeout_error(ref.adapter_id, self.limits.download_timeout)
+
+    def checked(self, ref: AdapterRef, entry: HostAdapter) -> HostAdapter:
+        """`entry`, once it is known to fit this server's rank cap and device memory."""
         rank = entry.adapter.max_rank
         if self.limits.max_rank is not None and rank > self.limits.max_rank:
             raise AdapterLoadError(f"adapter {ref.adapter_id!r} has rank {rank}; this server serves at most "

@@ -43,6 +43,7 @@ class AdapterCounters:
     device_bytes: int  # their weights
     layer_bytes: int  # what the LoRA layers hold, free arena rows included
     host_bytes: int
+    host_pins: int  # requests in flight holding their adapter in host memory (zero once all have ended)
     load_times: LoadTimes
 
 

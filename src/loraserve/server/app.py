@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import signal
@@ -13,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -22,13 +22,16 @@ from loraserve.config import EngineConfig, ServerConfig
 from loraserve.engine.api import AsyncEngine
 from loraserve.server.admission import ConcurrencyLimit
 from loraserve.server.auth import KeyGate, KeyRing
-from loraserve.server.errors import error_body, install_error_handlers
+from loraserve.server.disconnect import SendTimeout
+from loraserve.server.errors import error_response, install_error_handlers
 from loraserve.server.inventory import router as inventory_router
 from loraserve.server.inventory import vllm_router as vllm_adapters_router
 from loraserve.server.limits import BodyLimit
 from loraserve.server.lorax.routes import router as lorax_router
 from loraserve.server.metrics import Metrics
 from loraserve.server.openai.routes import router as openai_router
+from loraserve.server.openapi import install_openapi
+from loraserve.server.rate_limit import RateLimit, TokenBuckets
 from loraserve.server.tracing import RequestTracer
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ class _ReadyGate:
             elif self.state.draining and scope["path"] != "/metrics":
                 message = "the server is shutting down"
             if message is not None:
-                await JSONResponse(error_body(message, "unhealthy"), status_code=503)(scope, receive, send)
+                await error_response(scope["path"], message, "unhealthy", 503)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -95,10 +98,17 @@ def build_app(load_engine: Callable[[], AsyncEngine], server_config: ServerConfi
     app.state.admission = ConcurrencyLimit(server_config.max_concurrent_requests)
 
     app.state.keys = KeyRing.from_config(server_config.api_key, server_config.api_keys_file)
+    # the last added runs first: body size, then the key, then the caller's rate, then readiness
     app.add_middleware(_ReadyGate, state=app.state)
+    if server_config.rate_limit_per_minute > 0:
+        burst = server_config.rate_limit_burst or math.ceil(server_config.rate_limit_per_minute)
+        app.add_middleware(RateLimit, buckets=TokenBuckets(server_config.rate_limit_per_minute, burst),
+                           keyed=app.state.keys.enabled)
     app.add_middleware(KeyGate, keys=app.state.keys, metrics_open=not server_config.metrics_require_key)
     app.add_middleware(BodyLimit, max_bytes=server_config.max_request_bytes)
+    app.add_middleware(SendTimeout, seconds=server_config.stream_idle_timeout)
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(lorax_router)
     app.include_router(openai_router)
     app.include_router(inventory_router)

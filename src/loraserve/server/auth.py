@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loraserve.engine.api import AdapterInfo, AdapterRef
 from loraserve.errors import AdapterNotFound
-from loraserve.server.errors import error_body
+from loraserve.server.errors import error_response
 
 OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"})
 
@@ -109,12 +108,11 @@ class KeyGate:
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         principal = self.keys.lookup(headers.get("authorization"))
         if principal is None:
-            message = "a valid API key is required: Authorization: Bearer <key>"
-            if scope["path"].startswith("/v1/"):
-                body = {"error": {"message": message, "type": "invalid_api_key", "param": None, "code": 401}}
-            else:
-                body = error_body(message, "unauthorized")
-            await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            path = scope["path"]
+            response = error_response(path, "a valid API key is required: Authorization: Bearer <key>",
+                                      "invalid_api_key" if path.startswith("/v1/") else "unauthorized", 401,
+                                      headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)

@@ -15,35 +15,66 @@ adapter that is not loaded. Names and raw ids both work.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
-from loraserve.engine.api import AdapterRef, AsyncEngine
+from loraserve.engine.api import AdapterInfo, AdapterRef, AsyncEngine
 from loraserve.errors import InvalidRequest
 from loraserve.server.auth import check_adapter, hub_token, visible
+from loraserve.server.errors import error_response, error_responses
+from loraserve.server.text import RequestBody
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 vllm_router = APIRouter(prefix="/v1", tags=["adapters"])
 
 
-class AdapterRequest(BaseModel):
+class AdapterRequest(RequestBody):
     adapter_id: str
     adapter_source: str | None = None
     api_token: str | None = None
 
 
-class LoadLoRARequest(BaseModel):
+class LoadLoRARequest(RequestBody):
     lora_name: str
     lora_path: str
     load_inplace: bool = False  # vLLM: replace an adapter already registered under this name
     source: str | None = None  # ours: hub, local or s3; by default guessed from the path (see `_source_of`)
 
 
-class UnloadLoRARequest(BaseModel):
+class UnloadLoRARequest(RequestBody):
     lora_name: str
+
+
+class AdapterListing(BaseModel):
+    adapters: list[AdapterInfo]
+    device_adapters: int
+    max_device_adapters: int
+    device_bytes: int
+    device_layer_bytes: int
+    device_budget_bytes: int
+    max_rank: int | None
+    host_bytes: int
+    host_capacity_bytes: int
+
+
+class Preloaded(BaseModel):
+    adapter_id: str
+    source: str
+    tier: Literal["device", "host"]
+
+
+class Unloaded(BaseModel):
+    adapter_id: str
+    source: str
+    unloaded: bool
+
+
+# 422 also for a server without LoRA (--max-active-adapters 0)
+_ERRORS = error_responses(401, 404, 413, 422, 424, 503)
+_PLAIN_TEXT = {"text/plain": {"schema": {"type": "string"}}}
 
 
 def _engine(request: Request) -> AsyncEngine:
@@ -59,37 +90,32 @@ def _ref(engine: AsyncEngine, body: AdapterRequest, request: Request) -> Adapter
     return check_adapter(request, ref)
 
 
-@router.get("")
-async def list_adapters(request: Request) -> dict:
+@router.get("", responses=error_responses(401, 422, 503))
+async def list_adapters(request: Request) -> AdapterListing:
     engine = _engine(request)
     adapters = await engine.list_adapters()
     stats, info = engine.stats().adapters, engine.info()
-    return {
-        "adapters": [dataclasses.asdict(a) for a in adapters if visible(request, a)],
-        "device_adapters": stats.device_adapters,
-        "max_device_adapters": info.max_adapters,
-        "device_bytes": stats.device_bytes,
-        "device_layer_bytes": stats.layer_bytes,
-        "device_budget_bytes": info.adapter_device_budget,
-        "max_rank": info.max_lora_rank,
-        "host_bytes": stats.host_bytes,
-        "host_capacity_bytes": info.adapter_host_budget,
-    }
+    return AdapterListing(
+        adapters=[a for a in adapters if visible(request, a)], device_adapters=stats.device_adapters,
+        max_device_adapters=info.max_adapters, device_bytes=stats.device_bytes, device_layer_bytes=stats.layer_bytes,
+        device_budget_bytes=info.adapter_device_budget, max_rank=info.max_lora_rank, host_bytes=stats.host_bytes,
+        host_capacity_bytes=info.adapter_host_budget,
+    )
 
 
-@router.post("/preload")
-async def preload(body: AdapterRequest, request: Request) -> dict:
+@router.post("/preload", responses=_ERRORS)
+async def preload(body: AdapterRequest, request: Request) -> Preloaded:
     engine = _engine(request)
     ref = _ref(engine, body, request)
     active = await engine.preload_adapter(ref)
-    return {"adapter_id": body.adapter_id, "source": ref.source, "tier": "device" if active else "host"}
+    return Preloaded(adapter_id=body.adapter_id, source=ref.source, tier="device" if active else "host")
 
 
-@router.post("/unload", response_model=None)
-async def unload(body: AdapterRequest, request: Request) -> dict:
+@router.post("/unload", responses=_ERRORS | error_responses(409))
+async def unload(body: AdapterRequest, request: Request) -> Unloaded:
     engine = _engine(request)
     key = await engine.unload_adapter(_ref(engine, body, request))
-    return {"adapter_id": body.adapter_id, "source": key.source, "unloaded": True}
+    return Unloaded(adapter_id=body.adapter_id, source=key.source, unloaded=True)
 
 
 def _source_of(path: str, default: str) -> str:
@@ -102,7 +128,9 @@ def _source_of(path: str, default: str) -> str:
     return default
 
 
-@vllm_router.post("/load_lora_adapter", response_class=PlainTextResponse, response_model=None)
+@vllm_router.post("/load_lora_adapter", response_class=Response, response_model=None,
+                  responses={200: {"description": "Loaded (vLLM's text)", "content": _PLAIN_TEXT}}
+                  | error_responses(400, 401, 404, 413, 422, 424, 503, openai=True))
 async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> PlainTextResponse | JSONResponse:
     engine = _engine(request)
     source = body.source or _source_of(body.lora_path, engine.info().adapter_source)
@@ -112,13 +140,14 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> PlainTex
     registered = {name for info in await engine.list_adapters() for name in info.names}
     if body.lora_name in registered and not body.load_inplace:
         message = f"The lora adapter '{body.lora_name}' has already been loaded."
-        return JSONResponse({"error": {"message": message, "type": "InvalidUserInput", "param": None, "code": 400}},
-                            status_code=400)
+        return error_response(request.url.path, message, "InvalidUserInput", 400)
     await engine.load_adapter(body.lora_name, AdapterRef(body.lora_path, source, token), replace=body.load_inplace)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@vllm_router.post("/unload_lora_adapter", response_class=PlainTextResponse)
+@vllm_router.post("/unload_lora_adapter", response_class=Response,
+                  responses={200: {"description": "Unloaded (vLLM's text)", "content": _PLAIN_TEXT}}
+                  | error_responses(401, 404, 409, 413, 422, 503, openai=True))
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> PlainTextResponse:
     engine = _engine(request)
     await engine.unload_adapter(check_adapter(request, AdapterRef(body.lora_name, engine.info().adapter_source)))

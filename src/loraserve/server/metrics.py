@@ -95,6 +95,7 @@ def _adapter_metrics(stats: EngineStats, info: EngineInfo) -> Iterator[GaugeMetr
         ("adapters_on_device", counters.device_adapters, "Adapters resident in the model's LoRA layers."),
         ("adapter_device_bytes", counters.device_bytes, "Bytes of adapter weights resident on the device."),
         ("adapter_host_bytes", counters.host_bytes, "Bytes of adapters held in host memory."),
+        ("adapter_pins", counters.host_pins, "Requests in flight holding their adapter in host memory."),
     ):
         gauge = GaugeMetricFamily(PREFIX + metric, text)
         gauge.add_metric([], value)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -10,20 +11,25 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
+from transformers import PreTrainedTokenizerBase
 
-from loraserve.engine.api import AdapterRef, AsyncEngine, Completion, RequestOutput, TokenInfo, collect
+from loraserve.config import ServerConfig
+from loraserve.engine.api import AdapterRef, AsyncEngine, Completion, RequestOutput, TokenInfo
 from loraserve.errors import LoraserveError
 from loraserve.server.auth import check_adapter, hub_token
-from loraserve.server.convert import adapter_from_lorax, sampling_params_from_lorax
+from loraserve.server.choices import best_first, collect_all
+from loraserve.server.convert import adapter_from_lorax, lorax_prompt, sampling_params_from_lorax
 from loraserve.server.disconnect import unless_disconnected
-from loraserve.server.errors import error_body, status_for
+from loraserve.server.errors import ErrorResponse, error_body, error_response, error_responses, status_for
+from loraserve.server.limits import check_best_of, check_truncate
 from loraserve.server.lorax.schemas import (
     AlternativeToken,
+    BestOfSequence,
     CompatGenerateRequest,
     Details,
-    ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    Info,
     PrefillToken,
     StreamDetails,
     StreamResponse,
@@ -31,14 +37,20 @@ from loraserve.server.lorax.schemas import (
     TokenizeRequest,
     TokenSpan,
 )
+from loraserve.server.openapi import sse_content
 from loraserve.server.sse import sse_event
+from loraserve.server.text import header_value
 
 router = APIRouter()
-_ERRORS = {422: {"model": ErrorResponse}, 424: {"model": ErrorResponse}, 429: {"model": ErrorResponse}}
+_EVENTS = sse_content(StreamResponse, ErrorResponse)  # a failure after the status line is an error event
 
 
 def _engine(request: Request) -> AsyncEngine:
     return request.app.state.engine
+
+
+def _config(request: Request) -> ServerConfig:
+    return request.app.state.server_config
 
 
 def _label(adapter: AdapterRef | None) -> str:
@@ -47,40 +59,58 @@ def _label(adapter: AdapterRef | None) -> str:
 
 def _adapter(body: GenerateRequest, request: Request) -> AdapterRef | None:
     token = hub_token(request, body.parameters.api_token)
-    ref = adapter_from_lorax(body.parameters, token, _engine(request).info().adapter_source)
+    ref = adapter_from_lorax(body.parameters, token, _engine(request).info().adapter_source, _config(request))
     return check_adapter(request, ref)
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=_ERRORS)
+async def _prompt(body: GenerateRequest, request: Request) -> list[int]:
+    """The prompt's tokens, counted (and truncated, for `truncate`) in a worker thread."""
+    engine = _engine(request)
+    check_truncate(body.parameters.truncate, engine.info().max_input_length)
+    return await asyncio.to_thread(lorax_prompt, engine.tokenizer, body.inputs, body.parameters.truncate)
+
+
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
+             responses=error_responses(401, 413, 422, 424, 429, 499, 503, 504))
 async def generate(body: GenerateRequest, request: Request, response: Response) -> GenerateResponse:
+    """With `best_of` > 1 (sampling only, no seed, at most --max-best-of), that many sequences are sampled and the
+    one with the highest mean token logprob is returned; with `details`, the others are in `best_of_sequences`."""
     started = time.monotonic()
-    params = sampling_params_from_lorax(body.parameters, reports_tokens=bool(body.parameters.details))
+    engine, config, parameters = _engine(request), _config(request), body.parameters
+    ranked = (parameters.best_of or 1) > 1
+    params = sampling_params_from_lorax(parameters, reports_tokens=bool(parameters.details) or ranked, config=config)
+    best_of = check_best_of(parameters.best_of, sampled=not params.greedy, seeded=params.seed is not None,
+                            streamed=False, config=config)
     adapter = _adapter(body, request)
-    await _engine(request).compile_grammar(params.grammar)
+    prompt = await _prompt(body, request)
+    await engine.compile_grammar(params.grammar)
     release = request.app.state.admission.acquire()
     try:
-        outputs = await _engine(request).submit(body.inputs, params, adapter=adapter)
+        streams = [request.app.state.metrics.observed(
+            await engine.submit(prompt, params, adapter=adapter, timeout=parameters.request_timeout),
+            _label(adapter)) for _ in range(best_of)]
         validated = time.monotonic()
-        completion = await unless_disconnected(
-            request, collect(request.app.state.metrics.observed(outputs, _label(adapter))))
+        best, *others = best_first(await unless_disconnected(request, collect_all(streams)))
     finally:
         release()
-    text = body.inputs + completion.text if body.parameters.return_full_text else completion.text
+    prefix = body.inputs if parameters.return_full_text else ""
     details = None
-    if body.parameters.details:
-        prefill = _prefill(body.inputs, completion, request) if body.parameters.decoder_input_details else []
-        details = _details(completion, params.seed, prefill)
-    response.headers.update(_timing_headers(body, request, adapter, completion, validated - started,
+    if parameters.details:
+        prefill = _prefill(prompt, best, engine.tokenizer) if parameters.decoder_input_details else []
+        details = _details(best, params.seed, prefill)
+        if others:
+            details.best_of_sequences = [_best_of_sequence(other, prefix, prefill) for other in others]
+    response.headers.update(_timing_headers(body, request, adapter, best, validated - started,
                                             time.monotonic() - started))
-    return GenerateResponse(generated_text=text, details=details)
+    return GenerateResponse(generated_text=prefix + best.text, details=details)
 
 
 def _common_headers(body: GenerateRequest, request: Request, adapter: AdapterRef | None) -> dict[str, str]:
     info = _engine(request).info()
     headers = {"x-compute-type": info.device_type, "x-compute-characters": str(len(body.inputs)),
-               "x-model-id": info.model_name}
+               "x-model-id": header_value(info.model_name)}
     if adapter is not None:
-        headers |= {"x-adapter-id": adapter.adapter_id, "x-adapter-source": adapter.source}
+        headers |= {"x-adapter-id": header_value(adapter.adapter_id), "x-adapter-source": header_value(adapter.source)}
     return headers
 
 
@@ -105,39 +135,44 @@ def _timing_headers(body: GenerateRequest, request: Request, adapter: AdapterRef
     return _common_headers(body, request, adapter) | headers
 
 
-def _prefill(inputs: str, completion: Completion, request: Request) -> list[PrefillToken]:
+def _prefill(prompt: list[int], completion: Completion, tokenizer: PreTrainedTokenizerBase) -> list[PrefillToken]:
     """`decoder_input_details`: each prompt token with its logprob given its prefix (the first has none)."""
-    tokenizer = _engine(request).tokenizer
-    first = tokenizer.encode(inputs)[0]
-    entries = [(first, None)] + [(token, logprob) for token, logprob, _ in completion.prompt_logprobs or []]
+    entries = [(prompt[0], None)] + [(token, logprob) for token, logprob, _ in completion.prompt_logprobs or []]
     return [PrefillToken(id=token, text=tokenizer.decode([token]), logprob=logprob) for token, logprob in entries]
 
 
-@router.post("/tokenize", responses=_ERRORS)
+@router.post("/tokenize", responses=error_responses(401, 413, 422, 503))
 async def tokenize(body: TokenizeRequest, request: Request) -> list[TokenSpan]:
     """Token ids with their text and character offsets in `inputs` (LoRAX's `/tokenize`)."""
     tokenizer = _engine(request).tokenizer
-    encoded = tokenizer(body.inputs, add_special_tokens=body.add_special_tokens is not False,
-                        return_offsets_mapping=True)
+    encoded = await asyncio.to_thread(tokenizer, body.inputs, add_special_tokens=body.add_special_tokens is not False,
+                                      return_offsets_mapping=True)
     return [TokenSpan(id=token, text=body.inputs[start:stop], start=start, stop=stop)
             for token, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"])]
 
 
-@router.post("/generate_stream", response_class=StreamingResponse, responses=_ERRORS)
+@router.post("/generate_stream", response_class=StreamingResponse,
+             responses={200: {"description": "The token stream", "content": _EVENTS}}
+             | error_responses(401, 413, 422, 424, 429, 503))
 async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
     """One SSE event per token; the last also carries `generated_text` and `details`. No `[DONE]` (as LoRAX)."""
-    params = sampling_params_from_lorax(body.parameters, reports_tokens=True)
+    config, parameters = _config(request), body.parameters
+    params = sampling_params_from_lorax(parameters, reports_tokens=True, config=config)
+    check_best_of(parameters.best_of, sampled=not params.greedy, seeded=params.seed is not None, streamed=True,
+                  config=config)
     adapter = _adapter(body, request)
+    prompt = await _prompt(body, request)
     await _engine(request).compile_grammar(params.grammar)
     release = request.app.state.admission.acquire()
     try:
         outputs = request.app.state.metrics.observed(
-            await _engine(request).submit(body.inputs, params, adapter=adapter), _label(adapter)
+            await _engine(request).submit(prompt, params, adapter=adapter, timeout=parameters.request_timeout),
+            _label(adapter)
         )
     except Exception:
         release()
         raise
-    prefix = body.inputs if body.parameters.return_full_text else ""
+    prefix = body.inputs if parameters.return_full_text else ""
     return StreamingResponse(
         _stream_events(outputs, prefix, params.seed, release), media_type="text/event-stream",
         background=BackgroundTask(release),  # also covers a client gone before the stream started
@@ -145,7 +180,10 @@ async def generate_stream(body: GenerateRequest, request: Request) -> StreamingR
     )
 
 
-@router.post("/", responses=_ERRORS)
+@router.post("/", response_model=None,
+             responses={200: {"description": "`[GenerateResponse]`, or the token stream when `stream` is true",
+                              "model": list[GenerateResponse], "content": _EVENTS}}
+             | error_responses(401, 413, 422, 424, 429, 499, 503, 504))
 async def compat_generate(body: CompatGenerateRequest, request: Request) -> Response:
     """What lorax-client posts to: a stream, or a one-element list holding the `/generate` reply (details always)."""
     if body.stream:
@@ -189,40 +227,44 @@ def _token(token: TokenInfo) -> Token:
                  alternative_tokens=alternatives)
 
 
+def _finish_reason(completion: Completion) -> str:
+    return completion.finish_reason.value if completion.finish_reason else "length"
+
+
 def _details(completion: Completion, seed: int | None, prefill: list[PrefillToken]) -> Details:
-    return Details(
-        finish_reason=completion.finish_reason.value if completion.finish_reason else "length",
-        prompt_tokens=completion.prompt_tokens,
-        generated_tokens=len(completion.tokens),
-        seed=seed,
-        prefill=prefill,
-        tokens=[_token(t) for t in completion.tokens],
-    )
+    return Details(finish_reason=_finish_reason(completion), prompt_tokens=completion.prompt_tokens,
+                   generated_tokens=len(completion.tokens), seed=seed, prefill=prefill,
+                   tokens=[_token(t) for t in completion.tokens])
 
 
-@router.get("/metrics")
+def _best_of_sequence(completion: Completion, prefix: str, prefill: list[PrefillToken]) -> BestOfSequence:
+    return BestOfSequence(generated_text=prefix + completion.text, finish_reason=_finish_reason(completion),
+                          generated_tokens=len(completion.tokens), seed=None, prefill=prefill,
+                          tokens=[_token(t) for t in completion.tokens])
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition",
+                             "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}}
+            | error_responses(401, 503))
 async def metrics(request: Request) -> Response:
     resident = await _engine(request).resident_adapters()
     return Response(request.app.state.metrics.exposition(resident), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response,
+            responses={200: {"description": "Ready: the model is loaded and the step loop runs (no body)"}}
+            | error_responses(503))
 async def health(request: Request) -> Response:
     if _engine(request).is_running:
         return Response(status_code=200)
-    return JSONResponse(error_body("unhealthy", "healthcheck"), status_code=503)
+    return error_response(request.url.path, "unhealthy", "healthcheck", 503)
 
 
-@router.get("/info")
-async def info(request: Request) -> dict:
+@router.get("/info", responses=error_responses(401, 503))
+async def info(request: Request) -> Info:
     info = _engine(request).info()
-    return {
-        "model_id": info.model_name,
-        "model_dtype": info.dtype,
-        "model_device_type": info.device_type,
-        "max_input_length": info.max_input_length,
-        "max_total_tokens": info.max_total_tokens,
-        "max_batch_total_tokens": info.kv_capacity_tokens,
-        "max_concurrent_requests": request.app.state.server_config.max_concurrent_requests,
-        "version": request.app.version,
-    }
+    return Info(model_id=info.model_name, model_dtype=info.dtype, model_device_type=info.device_type,
+                max_input_length=info.max_input_length, max_total_tokens=info.max_total_tokens,
+                max_batch_total_tokens=info.kv_capacity_tokens,
+                max_concurrent_requests=_config(request).max_concurrent_requests, version=request.app.version)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from loraserve.server.response_format import ResponseFormat
+from loraserve.server.text import RequestBody
 
 
 class MergedAdapters(BaseModel):
@@ -43,9 +44,11 @@ class GenerateParameters(BaseModel):
     typical_p: float | None = None
     watermark: bool | None = False
     response_format: ResponseFormat | None = None
+    # ours: seconds until the request is aborted with 504 (at most --max-request-seconds, which is also the default)
+    request_timeout: float | None = Field(None, gt=0)
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(RequestBody):
     inputs: str
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
@@ -73,16 +76,28 @@ class Token(BaseModel):
 class PrefillToken(BaseModel):
     id: int
     text: str
-    logprob: float | None
+    logprob: float | None = None  # none for the first token (left out of replies, as every null is)
+
+
+class BestOfSequence(BaseModel):
+    """One of the `best_of` sequences that was not returned (LoRAX's and TGI's shape)."""
+
+    generated_text: str
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
 
 
 class Details(BaseModel):
     finish_reason: str
     prompt_tokens: int
     generated_tokens: int
-    seed: int | None
+    seed: int | None = None
     prefill: list[PrefillToken]
     tokens: list[Token]
+    best_of_sequences: list[BestOfSequence] | None = None
 
 
 class GenerateResponse(BaseModel):
@@ -94,7 +109,7 @@ class StreamDetails(BaseModel):
     finish_reason: str
     prompt_tokens: int
     generated_tokens: int
-    seed: int | None
+    seed: int | None = None
 
 
 class StreamResponse(BaseModel):
@@ -103,12 +118,7 @@ class StreamResponse(BaseModel):
     details: StreamDetails | None = None
 
 
-class ErrorResponse(BaseModel):
-    error: str
-    error_type: str
-
-
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     inputs: str
     add_special_tokens: bool | None = True
 
@@ -118,3 +128,14 @@ class TokenSpan(BaseModel):
     text: str
     start: int  # character offsets of the token in `inputs`
     stop: int
+
+
+class Info(BaseModel):
+    model_id: str
+    model_dtype: str
+    model_device_type: str
+    max_input_length: int
+    max_total_tokens: int
+    max_batch_total_tokens: int
+    max_concurrent_requests: int
+    version: str

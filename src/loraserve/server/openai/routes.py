@@ -7,23 +7,28 @@ part of the text, ids are unique, the requested `model` is echoed, streams end w
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from loraserve import __version__
-from loraserve.engine.api import AdapterRef, AsyncEngine, FinishReason, RequestOutput, TokenInfo, collect
+from loraserve.config import ServerConfig
+from loraserve.engine.api import AdapterRef, AsyncEngine, FinishReason, RequestOutput, TokenInfo
 from loraserve.engine.api import Completion as EngineCompletion
-from loraserve.errors import InvalidRequest
+from loraserve.errors import InvalidRequest, LoraserveError
 from loraserve.sampling.params import SamplingParams
 from loraserve.server.auth import check_adapter, hub_token, visible
+from loraserve.server.choices import choice_params, collect_all
 from loraserve.server.disconnect import unless_disconnected
-from loraserve.server.errors import status_for
+from loraserve.server.errors import OpenAIErrorResponse, error_responses, openai_error_body, status_for
+from loraserve.server.limits import check_n, check_stop_sequences
+from loraserve.server.openapi import sse_content
 from loraserve.server.response_format import grammar_for
 from loraserve.server.openai.schemas import (
     AssistantMessage,
@@ -38,12 +43,15 @@ from loraserve.server.openai.schemas import (
     CompletionLogprobs,
     CompletionRequest,
     Delta,
+    Model,
+    ModelList,
     SamplingFields,
     TokenLogprob,
     Usage,
 )
 from loraserve.server.sse import sse_event
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
 FINGERPRINT = f"loraserve-{__version__}"
 
@@ -52,31 +60,43 @@ def _engine(request: Request) -> AsyncEngine:
     return request.app.state.engine
 
 
-@router.get("/models")
-async def models(request: Request) -> dict:
+_GENERATION_ERRORS = error_responses(401, 404, 413, 422, 424, 429, 499, 503, 504, openai=True)
+
+
+def _streamed(model: type[BaseModel], chunk: type[BaseModel], description: str) -> dict:
+    """A 200 that is `model` as JSON, or `chunk` events ending with `[DONE]` when `stream` is true (and an error
+    event where the generation fails after the status line)."""
+    return {200: {"model": model, "description": f"{description}, or its chunks as server-sent events when "
+                                                 "`stream` is true",
+                  "content": sse_content(chunk, OpenAIErrorResponse, done_marker=True)}}
+
+
+@router.get("/models", responses=error_responses(401, 503, openai=True))
+async def models(request: Request) -> ModelList:
     """The base model, then every known adapter as vLLM lists them: each registered name (and each unnamed adapter
     by its id) with `parent` the base model and `root` where its files are."""
     engine = _engine(request)
     base = engine.info().model_name
     created = int(time.time())
-    entries = [{"id": base, "object": "model", "created": created, "owned_by": "loraserve", "root": base,
-                "parent": None}]
+    entries = [Model(id=base, created=created, owned_by="loraserve", root=base, parent=None)]
     for info in await engine.list_adapters():
         if not visible(request, info):
             continue
         for model_id in info.names or (info.adapter_id,):
-            entries.append({"id": model_id, "object": "model", "created": created, "owned_by": "loraserve",
-                            "root": info.adapter_id, "parent": base, "source": info.source, "tier": info.tier})
-    return {"object": "list", "data": entries}
+            entries.append(Model(id=model_id, created=created, owned_by="loraserve", root=info.adapter_id,
+                                 parent=base, source=info.source, tier=info.tier))
+    return ModelList(data=entries)
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None,
+             responses=_streamed(Completion, Completion, "The completion") | _GENERATION_ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
-    params = _params(body, body.max_tokens or 16, body.logprobs)
+    params = _params(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs, _config(request))
     return await _serve(request, body, body.prompt, params, streaming_completion, completion_reply)
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None,
+             responses=_streamed(ChatCompletion, ChatCompletionChunk, "The chat completion") | _GENERATION_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
     engine = _engine(request)
     tokenizer = engine.tokenizer
@@ -95,18 +115,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
 
     prompt = await asyncio.to_thread(render)  # off the event loop: templates and long prompts take time
     top = body.top_logprobs if body.logprobs else None
-    params = _params(body, body.max_completion_tokens or body.max_tokens, top)
+    max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    params = _params(body, max_tokens, top, _config(request))
     return await _serve(request, body, prompt, params, streaming_chat, chat_reply)
 
 
-def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _config(request: Request) -> ServerConfig:
+    return request.app.state.server_config
+
+
+def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+            config: ServerConfig) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    check_stop_sequences(stop, config)
+    check_n(body.n, config)
     return SamplingParams(
         max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         min_p=body.min_p, repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty, seed=body.seed, stop=stop, include_stop_in_output=False,
         ignore_eos=body.ignore_eos, chosen_logprob=logprobs is not None, logprobs=logprobs or None,
-        grammar=grammar_for(body.response_format),
+        grammar=grammar_for(body.response_format, config),
     )
 
 
@@ -127,10 +155,10 @@ async def _serve(request: Request, body: SamplingFields, prompt: str | list[int]
     await engine.compile_grammar(params.grammar)
     release = request.app.state.admission.acquire()
     try:
-        # n > 1: distinct seeds per choice, so seeded choices differ from each other but each is reproducible
         label = adapter.adapter_id if adapter is not None else ""
-        streams = [request.app.state.metrics.observed(await engine.submit(prompt, _choice_params(params, i),
-                                                                      adapter=adapter), label)
+        streams = [request.app.state.metrics.observed(await engine.submit(prompt, choice_params(params, i),
+                                                                      adapter=adapter, timeout=body.request_timeout),
+                                                      label)
                    for i in range(body.n)]
     except Exception:
         release()
@@ -142,16 +170,10 @@ async def _serve(request: Request, body: SamplingFields, prompt: str | list[int]
         return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        results = await unless_disconnected(request, asyncio.gather(*(collect(stream) for stream in streams)))
+        results = await unless_disconnected(request, collect_all(streams))
     finally:
         release()
     return replier(engine, results, meta)
-
-
-def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    if index == 0 or params.seed is None:
-        return params
-    return dataclasses.replace(params, seed=params.seed + index)
 
 
 def _finish(reason: FinishReason | None) -> str:
@@ -253,7 +275,10 @@ async def _events(engine: AsyncEngine, streams: list, meta: tuple[str, int], inc
             yield sse_event(chunk(None, None, None, False, usage))
     except Exception as error:  # noqa: BLE001 - the status is sent: report in-band, as OpenAI's SDK expects
         status, kind = status_for(error, "/v1/")
-        yield sse_event({"error": {"message": str(error), "type": kind, "param": None, "code": status}})
+        if not isinstance(error, LoraserveError):  # a bug's text may name server internals: it goes to the log
+            logger.error("a streamed completion failed", exc_info=error)
+        message = str(error) if isinstance(error, LoraserveError) else "the generation failed"
+        yield sse_event(openai_error_body(message, kind, status))
     finally:
         release()
     yield "data: [DONE]\n\n"

@@ -8,20 +8,22 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from loraserve.server.response_format import ResponseFormat
+from loraserve.server.text import RequestBody
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """What completions and chat share; the non-OpenAI fields arrive through the SDKs' `extra_body`."""
+class SamplingFields(RequestBody):
+    """What completions and chat share; the non-OpenAI fields arrive through the SDKs' `extra_body`. `max_tokens`
+    0 is refused, as OpenAI and vLLM refuse it (not read as "the default"); `n` is bounded by --max-n."""
 
     model: str = ""
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -36,6 +38,8 @@ class SamplingFields(BaseModel):
     adapter_source: str | None = None
     api_token: str | None = None
     response_format: ResponseFormat | None = None  # OpenAI's on chat; also on completions, and a regex form
+    # seconds until the request is aborted with 504 (at most --max-request-seconds, which is also the default)
+    request_timeout: float | None = Field(None, gt=0)
 
 
 class CompletionRequest(SamplingFields):
@@ -51,7 +55,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -138,3 +142,21 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class Model(BaseModel):
+    """An entry of `/v1/models`: the base model (no `parent`), or an adapter with the base as its `parent`."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    source: str | None = None
+    tier: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
