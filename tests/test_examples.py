@@ -5,6 +5,7 @@ model, and concurrent streams interleave."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 import torch
 from tiny_models import save_random_adapter, save_tiny_model, tiny_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
 
 import batching  # noqa: E402 - the examples folder is on the path from here on
 import continuous_batching  # noqa: E402
@@ -139,3 +141,21 @@ def test_lesson_server(tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert figures["structured"]["expected"] >= 1  # the lesson's held-out example, scored
     for path, name in zip(figures["plots"], ("lesson_server_stream", "lesson_server_concurrent")):
         assert_plot(path, tmp_path, name)
+
+
+def test_one_command_runs_every_step() -> None:
+    """`examples/run_all.sh` is the full lesson: it passes shellcheck and runs every program of examples/ that has a
+    command line (the modules without one are the programs' shared code)."""
+    import shutil
+    import subprocess
+    import sysconfig
+
+    script = EXAMPLES / "run_all.sh"
+    folders = (sysconfig.get_path("scripts"), str(Path(sys.executable).parent))
+    shellcheck = next((str(Path(f) / "shellcheck") for f in folders if (Path(f) / "shellcheck").exists()),
+                      shutil.which("shellcheck"))
+    assert shellcheck, "shellcheck is not installed: pip install -e '.[test]' brings it"
+    checked = subprocess.run([shellcheck, "--color=never", str(script)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout
+    programs = {path.name for path in EXAMPLES.glob("*.py") if '__name__ == "__main__"' in path.read_text()}
+    assert programs and programs == set(re.findall(r"examples/(\w+\.py)", script.read_text()))
