@@ -26,7 +26,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import tomllib
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from console_tools import console_tool
 
 from loraserve.config import FLAG_ENV
 
@@ -59,17 +59,6 @@ KNOWN_ENV = {name for name, _ in FLAG_ENV.values()} | {
     "NVIDIA_DRIVER_CAPABILITIES", "DEBIAN_FRONTEND", "PIP_DISABLE_PIP_VERSION_CHECK",
     "TORCH_INDEX_URL",  # the GPU SkyPilot task's own switch
 }
-
-
-def _tool(name: str) -> str:
-    """A console tool installed into this interpreter's environment (on PATH or not: CI runs .venv/bin/python)."""
-    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
-        candidate = Path(folder) / name
-        if candidate.exists():
-            return str(candidate)
-    found = shutil.which(name)
-    assert found, f"{name} is not installed: pip install -e '.[test]' brings it"
-    return found
 
 
 def _torch_pin() -> str:
@@ -107,7 +96,7 @@ def _final_stage(dockerfile: Path) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_passes(dockerfile: Path) -> None:
-    result = subprocess.run([_tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True,
+    result = subprocess.run([console_tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
@@ -116,7 +105,7 @@ def test_hadolint_runs_its_rules(tmp_path: Path) -> None:
     """The control: a Dockerfile with known faults fails, so a pass above means the rules ran."""
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN apt-get install curl\nUSER root\n")
-    result = subprocess.run([_tool("hadolint"), "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([console_tool("hadolint"), "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     for rule in ("DL3002", "DL3007", "DL3008", "DL3014", "DL3015"):
         assert rule in result.stdout, result.stdout
@@ -198,7 +187,7 @@ def test_installed_package_ships_every_data_file() -> None:
 
 
 def test_shellcheck_passes_with_every_optional_check() -> None:
-    result = subprocess.run([_tool("shellcheck"), "--shell=sh", "--enable=all", "--color=never", str(ENTRYPOINT)],
+    result = subprocess.run([console_tool("shellcheck"), "--shell=sh", "--enable=all", "--color=never", str(ENTRYPOINT)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert ENTRYPOINT.read_text().startswith("#!/bin/sh\n")
@@ -658,7 +647,7 @@ def test_skypilot_scripts_pass_shellcheck(path: Path, tmp_path: Path) -> None:
         # SkyPilot runs them with bash, with the task's envs and secrets exported
         exports = "".join(f"export {name}=${{{name}:-}}\n" for name in [*task["envs"], *task["secrets"]])
         script.write_text("#!/bin/bash\n" + exports + task[section])
-        result = subprocess.run([_tool("shellcheck"), "--shell=bash", "--color=never", str(script)],
+        result = subprocess.run([console_tool("shellcheck"), "--shell=bash", "--color=never", str(script)],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"{path.name} {section}:\n{result.stdout}"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from console_tools import console_tool
 from tiny_models import save_random_adapter, save_tiny_model, tiny_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -146,16 +147,11 @@ def test_lesson_server(tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_one_command_runs_every_step() -> None:
     """`examples/run_all.sh` is the full lesson: it passes shellcheck and runs every program of examples/ that has a
     command line (the modules without one are the programs' shared code)."""
-    import shutil
     import subprocess
-    import sysconfig
 
     script = EXAMPLES / "run_all.sh"
-    folders = (sysconfig.get_path("scripts"), str(Path(sys.executable).parent))
-    shellcheck = next((str(Path(f) / "shellcheck") for f in folders if (Path(f) / "shellcheck").exists()),
-                      shutil.which("shellcheck"))
-    assert shellcheck, "shellcheck is not installed: pip install -e '.[test]' brings it"
-    checked = subprocess.run([shellcheck, "--color=never", str(script)], capture_output=True, text=True, timeout=60)
+    checked = subprocess.run([console_tool("shellcheck"), "--color=never", str(script)], capture_output=True,
+                             text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout
     programs = {path.name for path in EXAMPLES.glob("*.py") if '__name__ == "__main__"' in path.read_text()}
     assert programs and programs == set(re.findall(r"examples/(\w+\.py)", script.read_text()))
