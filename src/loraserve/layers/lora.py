@@ -16,6 +16,8 @@ Three shapes of layer, three layouts:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from loraserve.layers.context import get_forward_context
@@ -45,6 +47,7 @@ class ProjectionLoRA:
         self.b = torch.zeros(0, out_features, dtype=dtype, device=device)  # [capacity, out]: B transposed
         self.placements: dict[int, tuple[int, int]] = {}  # slot -> (first arena row, rank)
         self._column_slots: torch.Tensor | None = None
+        self._view: _ArenaView | None = None
 
     @property
     def nbytes(self) -> int:
@@ -62,11 +65,13 @@ class ProjectionLoRA:
         self.b[offset : offset + rank].copy_(b.T)
         self.placements[slot] = (offset, rank)
         self._column_slots = None
+        self._view = None
 
     def remove(self, slot: int) -> None:
         if self.placements.pop(slot, None) is None:
             return
         self._column_slots = None
+        self._view = None
         used = self.used_rows
         if self.a.shape[0] > _ROW_ALIGN and used < self.a.shape[0] // 2:
             self._relayout(_round_up(used + used // 4))
@@ -99,6 +104,7 @@ class ProjectionLoRA:
             cursor += rank
         self.a, self.b = a, b
         self._column_slots = None
+        self._view = None
 
     def column_slots(self) -> torch.Tensor:
         """`[W]` int64: the slot owning each arena row up to the last placed one (`_FREE_ROW` where free)."""
@@ -110,34 +116,56 @@ class ProjectionLoRA:
             self._column_slots = owners.to(self.a.device)
         return self._column_slots
 
+    def _arena_view(self, batch: LoRABatch) -> _ArenaView:
+        """Where this layer holds each of the batch's slots, kept while the batch's slots and this layer's
+        placements stay as they are: consecutive decode steps of the same requests reuse it, layer by layer."""
+        view = self._view
+        if view is None or view.slot_order != batch.slot_order:
+            placed = [self.placements.get(slot, (0, 0)) for slot in batch.slot_order]
+            offsets, ranks = [offset for offset, _ in placed], [rank for _, rank in placed]
+            view = _ArenaView(batch.slot_order, offsets, ranks, torch.tensor(offsets, dtype=torch.int64),
+                              torch.tensor(ranks, dtype=torch.int64), any(ranks))
+            self._view = view
+        return view
+
     def segments(self, batch: LoRABatch) -> LayerSegments:
-        placed, offsets, ranks = [], [], []
-        for slot, start, stop in batch.segments:
-            offset, rank = self.placements.get(slot, (0, 0))
-            offsets.append(offset)
-            ranks.append(rank)
-            if rank:
-                placed.append((start, stop, offset, rank))
-        return LayerSegments(placed, offsets, ranks)
+        view = self._arena_view(batch)
+        placed = [(start, stop, offset, rank)
+                  for (_, start, stop), offset, rank in zip(batch.segments, view.offsets, view.ranks) if rank]
+        return LayerSegments(placed, view.offsets, view.ranks)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = get_forward_context().lora
         if batch is None or not self.placements:
             return y
-        layer = self.segments(batch)
-        if not layer.placed:
-            return y
         if batch.uniform_slot is not None:
-            _, _, offset, rank = layer.placed[0]
-            return y.add_(uniform_delta(x, self.a, self.b, offset, rank).to(y.dtype))
+            placement = self.placements.get(batch.uniform_slot)
+            if placement is None:
+                return y
+            return y.add_(uniform_delta(x, self.a, self.b, *placement).to(y.dtype))
+        view = self._arena_view(batch)
+        if not view.any_placed:
+            return y
         if fused_lora_available(x.device):
-            offsets = torch.tensor(layer.offsets, dtype=torch.int64)
-            ranks = torch.tensor(layer.ranks, dtype=torch.int64)
-            return add_lora_(y, x, self.a, self.b, batch.rows, batch.seg_starts, offsets, ranks)
+            return add_lora_(y, x, self.a, self.b, batch.rows, batch.seg_starts, view.offsets_tensor,
+                             view.ranks_tensor)
+        layer = self.segments(batch)
         width = self.column_slots().shape[0]
         if len(layer.placed) > 1 and x.shape[0] * width <= DENSE_UNITS_PER_SEGMENT * len(layer.placed):
             return dense_add_(y, x, self.a, self.b, batch, self.column_slots())
         return segmented_add_(y, x, self.a, self.b, batch, layer)
+
+
+@dataclass(frozen=True)
+class _ArenaView:
+    """One layer's arena rows for a batch's slots, in the batch's segment order (rank 0: not targeted here)."""
+
+    slot_order: tuple[int, ...]
+    offsets: list[int]
+    ranks: list[int]
+    offsets_tensor: torch.Tensor  # int64 on the CPU: the fused op's index arguments
+    ranks_tensor: torch.Tensor
+    any_placed: bool
 
 
 class _BlockPerAdapter:

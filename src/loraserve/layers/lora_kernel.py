@@ -15,7 +15,8 @@ fails, or the tensors are not on the CPU, `add_lora_` runs `reference_add_lora_`
 `fused_lora_available` says False. `LORASERVE_FUSED_LORA=0` turns the compiled op off.
 
 The op parallelises over (segment, rank block) then (segment, column block) tasks with OpenMP, on
-`torch.get_num_threads()` threads; tiny calls run on the calling thread. It releases the GIL while it runs.
+`torch.get_num_threads()` threads; tiny calls run on the calling thread. It is registered with the dispatcher as
+`torch.ops.loraserve.add_lora_`, so profiles show it and it runs without the GIL.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def _load():
             _module = None
             _why_not = f"{type(e).__name__}: {e}".strip()
             logger.warning("fused LoRA CPU op unavailable, using the torch loop: %s", _why_not.splitlines()[0])
-        _op = _module.add_lora_ if _module is not None else False
+        _op = torch.ops.loraserve.add_lora_ if _module is not None else False
         return _op
 
 

@@ -37,6 +37,7 @@ class LoRABatch:
     rows: torch.Tensor  # [n] int64: flat indices of the tokens that use an adapter, grouped by slot
     segments: list[tuple[int, int, int]]  # (slot, start, stop) over `rows`
     uniform_slot: int | None  # the one slot every token of the step uses (no gather, no scatter needed), if any
+    slot_order: tuple[int, ...] = ()  # the segments' slots in order: what a layer's view of the batch depends on
     _seg_starts: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
@@ -54,6 +55,7 @@ class LoRABatch:
             token_slots=torch.tensor(token_slots, dtype=torch.int64, device=device),
             rows=torch.tensor([i for _, i in order], dtype=torch.int64, device=device),
             segments=segments,
+            slot_order=tuple(slot for slot, _, _ in segments),
             uniform_slot=order[0][0] if len(segments) == 1 and len(order) == len(token_slots) else None,
         )
 

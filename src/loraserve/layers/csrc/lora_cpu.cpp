@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <torch/library.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <omp.h>
@@ -463,8 +464,12 @@ const char* isa() {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("add_lora_", &add_lora, "y[rows of segment s] += (x[rows] @ a[off:off+r].T) @ b[off:off+r], in place",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("isa", &isa, "which kernels were compiled in");
+// A dispatcher op, torch.ops.loraserve.add_lora_: the profiler sees it, and the dispatcher releases the GIL while it
+// runs (the server's event loop thread keeps going during a step).
+TORCH_LIBRARY(loraserve, m) {
+  m.def("add_lora_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor rows, Tensor seg_starts, Tensor seg_offsets, "
+        "Tensor seg_ranks) -> Tensor(a!)");
 }
+TORCH_LIBRARY_IMPL(loraserve, CPU, m) { m.impl("add_lora_", &add_lora); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("isa", &isa, "which kernels were compiled in"); }
