@@ -5,7 +5,10 @@ One place decides the source (default model, .gguf file, HF folder or Hub id), t
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,19 +25,15 @@ from loraserve.models.loader import load_model, resolve_model_dir
 logger = logging.getLogger(__name__)
 
 # Under --quantize the lm_head gets a separate int8 copy (a tied head keeps the embedding's float table beside it),
-# multiplied with per-token int8 activations on oneDNN's int8 GEMM where it runs ("w8a8", quant/int8.py). Measured on
-# Gemma 3 270M (benchmarks/RESULTS.md, "Weight-only quantization"): it halves the head's bytes (335 -> 168 MB) and
-# leaves perplexity where the weight-only int8 head has it (25.97 / 26.00, bf16 25.87); the weight-only head decodes
-# one stream no faster than the packed bf16 one and 32 streams 1.4x slower, the int8 GEMM 1.3x and 1.4x faster than
-# the weight-only head. int4 for the head: 4x fewer bytes than bf16, +6% perplexity.
+# multiplied with per-token int8 activations on oneDNN's int8 GEMM where it runs ("w8a8", quant/int8.py): half the
+# head's bytes at the weight-only int8 head's perplexity, and faster than it at every batch size (benchmarks/RESULTS.md,
+# "Weight-only quantization", has the figures).
 _LM_HEAD_FORMAT = "w8a8"
 
 
 # Under --quantize int4, these projections are requantized to int8 instead, as llama.cpp's Q4_K_M gives attn_v more
-# bits. On Gemma 3 270M (default model, bf16, benchmarks/data/perplexity.txt) they hold 6% of the decoder weights and
-# cost half of int4's loss: perplexity +15.6% over bf16 with them in int4, +7.0% in int8, for 0.324x the bf16 decoder
-# bytes instead of 0.313x. (int8 also for the down projections of the 9 blocks llama.cpp gives more bits: +5.1%, 0.346x;
-# not taken, --quantize int4 is for memory.)
+# bits: on the default model they hold a small share of the decoder's weights and cost about half of int4's
+# perplexity loss (benchmarks/RESULTS.md, "Weight-only quantization").
 _INT8_UNDER_INT4 = ("k_proj", "v_proj")
 
 
@@ -65,7 +64,26 @@ def load(config: EngineConfig) -> LoadedModel:
         logger.info("quantized linear layers (lm_head to %s): %s", _LM_HEAD_FORMAT, counts)
     if cpu_packing_applies(config.torch_dtype(), config.torch_device()):
         logger.info("packed %d linear layers into oneDNN's bf16 layout", pack_linear_weights(loaded.model))
+    _return_freed_memory()
     return loaded
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory that loading freed (float copies, a GGUF file's dequantized tensors) back to the system.
+
+    glibc keeps freed heap memory for reuse, so without this the process stays as large as its loading peak and a
+    quantized model's RSS barely shrinks with its weights.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc_name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(libc_name) if libc_name else None
+        trim = getattr(libc, "malloc_trim", None)  # glibc only: musl has none
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
 
 
 def _load(config: EngineConfig, takes_int4: Callable[[str], bool]) -> LoadedModel:
