@@ -10,7 +10,8 @@ projection, as serving does. One step = 126 calls (7 projections x 18 layers). F
 - dense: `shrunk = (x @ a[:W].T) * mask; y += shrunk @ b[:W]` over all W = adapters x rank arena rows.
 
 GB/s is the adapter bytes a step must read (each used adapter's A and B, every projection) over the step's time,
-for every form alike. Timings are the median (and min) of 3 repeats; on a 2-core machine they are noisy.
+for every form alike. Timings are the median (and min) of 3 repeats; on a 2-core machine they are noisy. A full run
+(not --quick) replaces its section of benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/lora_kernel.py [--rank 16] [--threads 2] [--quick]
 """
@@ -18,12 +19,17 @@ for every form alike. Timings are the median (and min) of 3 repeats; on a 2-core
 from __future__ import annotations
 
 import argparse
+import datetime
 import statistics
 import time
 
 import torch
 
+from results_file import machine, replace_section
+
 from loraserve.layers import lora_kernel
+
+HEADING = "## The fused LoRA op against the torch forms, one decode step's deltas"
 
 HIDDEN, LAYERS = 640, 18
 PROJECTIONS = {"q": (640, 1024), "k": (640, 256), "v": (640, 256), "o": (1024, 640), "gate": (640, 2048),
@@ -164,7 +170,8 @@ def main() -> None:
             sec, best = timed(fn, layers, batch, mask, budget_s=budget)
             rows_out.append((adapters, per, name, sec * 1e3, best * 1e3, nbytes / sec / 1e9,
                              err if name == "fused" else None))
-    print(f"stream-read baseline: {read_bandwidth(256 << 20):.1f} GB/s (fp32 sum over 256 MiB)")
+    bandwidth = read_bandwidth(256 << 20)
+    print(f"stream-read baseline: {bandwidth:.1f} GB/s (fp32 sum over 256 MiB)")
     print()
     print(f"rank {args.rank}, bf16, {LAYERS} layers x {len(PROJECTIONS)} projections = "
           f"{LAYERS * len(PROJECTIONS)} calls per step; median of 3, noisy")
@@ -173,7 +180,34 @@ def main() -> None:
     for adapters, per, name, ms, best, gbs, err in rows_out:
         extra = f"  {err:.1e}" if err is not None else ""
         print(f"{adapters:>8} {per:>8} {adapters * per:>6} {name:<10} {ms:>9.2f} {best:>9.2f} {gbs:>7.1f}{extra}")
+    if not args.quick:
+        write_results(args, rows_out, bandwidth, lora_kernel.fused_lora_info())
 
 
 if __name__ == "__main__":
     main()
+
+
+def write_results(args: argparse.Namespace, rows_out: list, bandwidth: float, isa: str) -> None:
+    forms = [name for name in FORMS if any(row[2] == name for row in rows_out)]
+    lines = [
+        f"{HEADING} ({datetime.datetime.now().isoformat(timespec='minutes')})",
+        "",
+        f"- Machine: {machine()}, {args.threads} torch threads; fused op compiled for `{isa}`.",
+        "- Command: `.venv/bin/python benchmarks/lora_kernel.py`",
+        f"- Workload: rank-{args.rank} adapters on all seven projections of Gemma 3 270M's {LAYERS} layers, bf16: one "
+        f"decode step's deltas = {LAYERS * len(PROJECTIONS)} calls, each adapter's A and B in every projection read "
+        "once. GB/s = those adapter bytes over the step's time (the same bytes for every form); a plain streaming "
+        f"read on this machine runs at {bandwidth:.1f} GB/s. Median of 3 repeats.",
+        "",
+        "| adapters x tokens each | " + " | ".join(f"{name} ms (GB/s)" for name in forms) + " | fused max rel err |",
+        "|---|" + "---|" * (len(forms) + 1),
+    ]
+    for adapters, per in dict.fromkeys((row[0], row[1]) for row in rows_out):
+        cells = {row[2]: row for row in rows_out if row[:2] == (adapters, per)}
+        err = cells["fused"][6] if "fused" in cells else None
+        timings = " | ".join(f"{cells[name][3]:.2f} ({cells[name][5]:.1f})" if name in cells else "-"
+                             for name in forms)
+        lines.append(f"| {adapters} x {per} | {timings} | {f'{err:.1e}' if err is not None else '-'} |")
+    lines.append("")
+    replace_section(HEADING, lines)

@@ -1,5 +1,6 @@
 """What every peer loads, built once and cached under ~/.cache/loraserve/bench/: the default model as an HF folder
-(vLLM and transformers need one) and the fleet of random rank-16 PEFT adapters on all seven projections."""
+(vLLM and transformers need one) and fleets of random rank-16 PEFT adapters, on all seven projections unless told
+otherwise."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_throughput import alias_adapter, write_adapter  # noqa: E402
 from results_file import machine, replace_section  # noqa: E402
 
-__all__ = ["CACHE", "adapter_fleet", "gguf_path", "hf_model_dir", "machine", "projections", "replace_section"]
+__all__ = ["ALL_TARGETS", "CACHE", "adapter_fleet", "gguf_path", "hf_model_dir", "machine", "projections",
+           "replace_section"]
 
 CACHE = Path(os.environ.get("LORASERVE_BENCH_CACHE", Path.home() / ".cache" / "loraserve" / "bench"))
 RANK = 16
 REAL_ADAPTERS = 32  # beyond these, adapter folders alias their weight files (15 MB each in fp32)
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def gguf_path() -> Path:
@@ -62,16 +65,20 @@ def projections(model_dir: Path) -> dict[str, tuple[int, int]]:
             for layer in range(config["num_hidden_layers"]) for name, shape in shapes.items()}
 
 
-def adapter_fleet(count: int, model_dir: Path) -> list[Path]:
+def adapter_fleet(count: int, model_dir: Path, targets: tuple[str, ...] = ALL_TARGETS) -> list[Path]:
     """`count` adapter folders named adapter-0000...; the first 32 are real, the rest alias them round-robin (each
-    is still read, validated and cached as its own adapter by the servers)."""
-    root = CACHE / "adapters"
-    shapes = projections(model_dir)
-    fleet = [root / f"adapter-{i:04d}" for i in range(count)]
+    is still read, validated and cached as its own adapter by the servers). Adapters on fewer `targets` than all
+    seven are named after them (adapter-q_proj-v_proj-0000...), so a server given several fleets tells them apart."""
+    if not targets or not set(targets) <= set(ALL_TARGETS):
+        raise ValueError(f"targets must be some of {ALL_TARGETS}, got {targets}")
+    tag = "" if targets == ALL_TARGETS else "-" + "-".join(targets)
+    root = CACHE / f"adapters{tag}"
+    shapes = {name: shape for name, shape in projections(model_dir).items() if name.rsplit(".", 1)[-1] in targets}
+    fleet = [root / f"adapter{tag}-{i:04d}" for i in range(count)]
     for i, path in enumerate(fleet):
         if not (path / "adapter_config.json").exists():
             if i < REAL_ADAPTERS:
                 write_adapter(path, shapes, RANK, seed=i)
             else:
-                alias_adapter(adapter_fleet(REAL_ADAPTERS, model_dir)[i % REAL_ADAPTERS], path)
+                alias_adapter(adapter_fleet(REAL_ADAPTERS, model_dir, targets)[i % REAL_ADAPTERS], path)
     return fleet

@@ -24,6 +24,10 @@ HOST_ADAPTERS = 128  # adapters cached in host memory beyond the slots, where a 
 class Peer(ABC):
     name: str
 
+    def __init__(self, slots: int = SLOTS) -> None:
+        """`slots` adapters are batched together; a benchmark whose batch spans more adapters asks for as many."""
+        self.slots = slots
+
     def supports(self, spec: WorkloadSpec) -> bool:
         return True
 
@@ -57,7 +61,8 @@ class HTTPPeer(Peer):
     startup_timeout_s = 600.0
     health_path = "/health"
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int = SLOTS) -> None:
+        super().__init__(slots)
         self.process: subprocess.Popen | None = None
         self.base_url = ""
         self.args: list[str] = []

@@ -8,7 +8,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from benchmarks.serving.client import completion_body
-from benchmarks.serving.peers.base import HOST_ADAPTERS, SLOTS, HTTPPeer
+from benchmarks.serving.peers.base import HOST_ADAPTERS, HTTPPeer
 from benchmarks.serving.workload import TimedRequest
 
 ADAPTER_BYTES = 8 << 20  # one rank-16 adapter on all projections of the 270M model in bf16 is about 7.6 MB
@@ -22,7 +22,7 @@ class LoraservePeer(HTTPPeer):
 
     def server_args(self, fleet: list[Path], port: int) -> tuple[list[str], dict[str, str]]:
         return ([sys.executable, "-m", "loraserve.cli", "serve", "--hostname", "127.0.0.1", "--port", str(port),
-                 "--dtype", "bfloat16", "--max-active-adapters", str(SLOTS), "--max-lora-rank", "16",
+                 "--dtype", "bfloat16", "--max-active-adapters", str(self.slots), "--max-lora-rank", "16",
                  "--adapter-memory", str(HOST_ADAPTERS * ADAPTER_BYTES), "--max-concurrent-requests", "4096"], {})
 
     def body(self, request: TimedRequest) -> dict:

@@ -15,11 +15,8 @@ import torch
 
 from benchmarks.serving.assets import hf_model_dir
 from benchmarks.serving.client import RequestResult, progress
-from benchmarks.serving.peers.base import SLOTS, Peer
+from benchmarks.serving.peers.base import Peer
 from benchmarks.serving.workload import TimedRequest
-
-MAX_BATCH = SLOTS
-LOADED_ADAPTERS = 2 * SLOTS  # PEFT keeps each loaded adapter as modules in the model: an LRU bounds them
 
 
 class _StepClock:
@@ -46,7 +43,12 @@ class TransformersPeer(Peer):
 
     def command(self) -> str:
         return (f"in process: AutoModelForCausalLM (bf16) + PeftModel, mixed-adapter generate(adapter_names=...), "
-                f"batches of up to {MAX_BATCH} arrived requests, {LOADED_ADAPTERS} adapters loaded at most (LRU)")
+                f"batches of up to {self.slots} arrived requests, {self.loaded_limit} adapters loaded at most (LRU)")
+
+    @property
+    def loaded_limit(self) -> int:
+        """PEFT keeps each loaded adapter as modules in the model: an LRU bounds them."""
+        return 2 * self.slots
 
     def start(self, fleet: list[Path]) -> None:
         from peft import PeftModel
@@ -69,7 +71,7 @@ class TransformersPeer(Peer):
             if name in self.loaded:
                 self.loaded.move_to_end(name)
                 continue
-            while len(self.loaded) >= max(LOADED_ADAPTERS, len(names)):
+            while len(self.loaded) >= max(self.loaded_limit, len(names)):
                 evicted = next(n for n in self.loaded if n not in names)
                 self.model.delete_adapter(evicted)
                 del self.loaded[evicted]
@@ -82,7 +84,7 @@ class TransformersPeer(Peer):
         results: dict[int, RequestResult] = {}
         while pending and time.monotonic() - start < deadline_s:
             now = time.monotonic() - start
-            batch = [r for r in pending if r.arrival_s <= now][:MAX_BATCH]
+            batch = [r for r in pending if r.arrival_s <= now][:self.slots]
             if not batch:
                 time.sleep(min(0.05, pending[0].arrival_s - now))
                 continue

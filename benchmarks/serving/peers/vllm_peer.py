@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.serving.assets import hf_model_dir
 from benchmarks.serving.client import completion_body
-from benchmarks.serving.peers.base import HOST_ADAPTERS, PEERS_DIR, SLOTS, HTTPPeer
+from benchmarks.serving.peers.base import HOST_ADAPTERS, PEERS_DIR, HTTPPeer
 from benchmarks.serving.workload import TimedRequest
 
 PYTHON = PEERS_DIR / "vllm" / "bin" / "python"
@@ -33,8 +33,8 @@ class VLLMPeer(HTTPPeer):
         modules = [f"{path.name}={path}" for path in fleet]
         args = [str(PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
                 "--model", str(hf_model_dir()), "--served-model-name", BASE_NAME, "--dtype", "bfloat16",
-                "--max-model-len", "2048", "--enable-lora", "--max-loras", str(SLOTS), "--max-lora-rank", "16",
-                "--max-cpu-loras", str(max(SLOTS, HOST_ADAPTERS)),
+                "--max-model-len", "2048", "--enable-lora", "--max-loras", str(self.slots), "--max-lora-rank", "16",
+                "--max-cpu-loras", str(max(self.slots, HOST_ADAPTERS)),
                 *(["--lora-modules", *modules] if modules else [])]
         # by default vLLM runs the model on one thread; a caller's own binding (e.g. "0" for a smoke run) wins
         return args, {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
