@@ -13,23 +13,25 @@ numbers are new combinations, so a score on it measures whether an adapter learn
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from string import Formatter
+from typing import Annotated
 
 from faker import Faker
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 TASKS = ("style", "summary", "entities")
 ENTITY_TYPES = ("person", "organization", "location")
-NO_ENTITIES = "none"
 HELDOUT_SIZE = 100  # examples per task held out from training; a scoring run may use fewer
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str
-    target: str  # what the model should write after the prompt; starts with the space that follows the prompt
+    target: str  # what the model should write after the prompt, with the space that follows the prompt, if any
 
 
 def split(task: str, train_size: int, heldout_size: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
@@ -224,7 +226,8 @@ _NEWS_EVENTS: tuple[_NewsEvent, ...] = (_opening, _acquisition, _appointment, _r
 
 # ------------------------------------------------------------------------------------------------ entities
 
-_ENTITY_INSTRUCTION = "List the people, organizations and locations named in the text, as type: name."
+_ENTITY_INSTRUCTION = ("List the people, organizations and locations named in the text, as JSON with the keys "
+                       '"person", "organization" and "location".')
 # slots per1/org1/loc1... are entities; the rest (job, weekday, month, number) are not, though a weekday or a month
 # is capitalised too
 _ENTITY_TEMPLATES = (
@@ -251,22 +254,36 @@ _ENTITY_TEMPLATES = (
 )
 _ENTITY_KINDS = {"per": "person", "org": "organization", "loc": "location"}
 
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class Entities(BaseModel):
+    """The extraction adapter's answer: what it is trained to write, and the pydantic model whose JSON schema the
+    lesson's server part constrains it with. No keys beyond these, and bounded lists and names (the data never
+    exceeds them), so every output the schema allows is short enough to finish within a request's tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    person: list[Name] = Field(max_length=4)
+    organization: list[Name] = Field(max_length=4)
+    location: list[Name] = Field(max_length=4)
+
 
 def format_entities(entities: list[tuple[str, str]]) -> str:
-    """`type: name; type: name` in order of appearance, or `none`: what the extraction adapter is taught to write."""
-    return "; ".join(f"{kind}: {name}" for kind, name in entities) or NO_ENTITIES
+    """`Entities` as compact JSON (the separators loraserve's JSON grammar allows by default), names in order of
+    appearance within each type."""
+    grouped = {kind: [name for k, name in entities if k == kind] for kind in ENTITY_TYPES}
+    return Entities.model_validate(grouped).model_dump_json()
 
 
 def parse_entities(text: str) -> set[tuple[str, str]]:
-    """The (type, name) pairs of a `format_entities` string; anything else in it (an unknown type, a fragment
-    without a colon) is no entity, so a model that writes prose scores no hits."""
-    entities = set()
-    for item in text.split(";"):
-        kind, colon, name = item.partition(":")
-        kind, name = kind.strip().lower(), name.strip()
-        if colon and kind in ENTITY_TYPES and name:
-            entities.add((kind, name))
-    return entities
+    """The (type, name) pairs of an answer that parses as `Entities`; anything else (prose, a broken or foreign
+    JSON object) holds no entity, so a model that does not answer in the format scores no hits."""
+    try:
+        entities = Entities.model_validate_json(text.strip())
+    except (ValidationError, json.JSONDecodeError):
+        return set()
+    return {(kind, name) for kind, names in entities.model_dump().items() for name in names}
 
 
 def _entity_text(fake: Faker) -> Example:
@@ -284,7 +301,9 @@ def _entity_text(fake: Faker) -> Example:
             entities.append((kind, values[slot]))
         sentences.append(template.format(**values))
     text = " ".join(sentences)
-    return Example(f"{_ENTITY_INSTRUCTION}\nText: {text}\nEntities:", f" {format_entities(entities)}")
+    # the answer starts a line of its own: a JSON grammar allows no leading space, so the adapter learns to write
+    # the first token the schema-constrained server lets it write
+    return Example(f"{_ENTITY_INSTRUCTION}\nText: {text}\nEntities:\n", format_entities(entities))
 
 
 def _slots(template: str) -> list[str]:

@@ -30,13 +30,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import matplotlib.pyplot as plt
 from common import EXAMPLES, markdown_table, parse, parser, save_plot
-from lesson_data import ENTITY_TYPES, TASKS, Example, parse_entities, split
+from lesson_data import TASKS, Entities, Example, parse_entities, split
 from lorax import AsyncClient, Client
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from loraserve.client import APITimeoutError
 from loraserve.client import Client as ReadinessClient
@@ -46,20 +45,6 @@ EXTRACTION_TASK = "entities"
 TITLES = {"style": "telegram-style completion", "summary": "one-sentence summary", "entities": "entity extraction"}
 COLOURS = ("31", "34", "32", "35")  # ANSI red, blue, green, magenta: one per concurrent stream
 PLOT_COLOURS = ("tab:red", "tab:blue", "tab:green", "m")  # the same, in the plot
-
-Name = Annotated[str, StringConstraints(min_length=1, max_length=40)]
-
-
-class Entities(BaseModel):
-    """What the extraction adapter's output must parse into. No keys beyond these, and bounded lists and names, so
-    that every output the schema allows is short enough to finish within the request's tokens."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    person: list[Name] = Field(max_length=4)
-    organization: list[Name] = Field(max_length=4)
-    location: list[Name] = Field(max_length=4)
-
 
 def colour(text: str, stream: int) -> str:
     return f"\x1b[{COLOURS[stream % len(COLOURS)]}m{text}\x1b[0m"
@@ -268,30 +253,31 @@ def lesson(url: str, args: Any, adapters: dict[str, Path], prompts: dict[str, st
 def structured(client: Client, adapter: Path, prompt: str, own_answer: str,
                reference: Example | None) -> dict[str, Any]:
     """The extraction prompt with `Entities`' JSON schema as its response_format, on the base model and on the
-    adapter; beside them the adapter's unconstrained answer (in the format it was trained to write) parsed into
-    `Entities`. Each is scored against the lesson data's answer when the prompt is the lesson's."""
+    adapter; beside them the adapter's unconstrained answer, which it was trained to write as that JSON, parsed the
+    same way. Each is scored against the lesson data's answer when the prompt is the lesson's."""
     show(f"response_format: {Entities.__name__}'s JSON schema, base model and {EXTRACTION_TASK} adapter")
     response_format = {"type": "json_object", "schema": Entities.model_json_schema()}
+    found: dict[str, set[tuple[str, str]]] = {}
     results: dict[str, Any] = {}
     for label, parameters in (("base", {}), ("adapter", {"adapter_id": str(adapter), "adapter_source": "local"})):
         text = client.generate(prompt, response_format=response_format, **parameters).generated_text
-        entities = Entities.model_validate_json(text)
+        entities = Entities.model_validate_json(text)  # the schema guarantees it parses
         print(f"{label}, schema-constrained: {text}\n  -> {entities!r}")
         results[label] = entities.model_dump()
-    first_line = next(iter(own_answer.strip().splitlines()), "")  # the answer; a base model rambles on after it
-    own = sorted(parse_entities(first_line))
-    entities = Entities.model_validate({kind: [name for k, name in own if k == kind] for kind in ENTITY_TYPES})
-    print(f"adapter, its own format ({own_answer.strip()[:80]!r}) parsed -> {entities!r}")
-    results["adapter_own_format"] = entities.model_dump()
+        found[label] = parse_entities(text)
+    answer = next(iter(own_answer.strip().splitlines()), "")  # the answer; a base model rambles on after it
+    found["adapter_unconstrained"] = parse_entities(answer)
+    results["adapter_unconstrained"] = answer
+    print(f"adapter, unconstrained: {answer[:120]!r} ({'parses' if found['adapter_unconstrained'] else 'no entities'})")
     if reference is not None:
         expected = parse_entities(reference.target)
         results["expected"] = len(expected)
         print(f"reference: {reference.target.strip()} ({len(expected)} entities)")
-        for label in ("base", "adapter", "adapter_own_format"):
-            found = {(kind, name) for kind, names in results[label].items() for name in names}
-            results[f"{label}_hits"] = len(found & expected)
-            print(f"  {label}: {len(found & expected)} of {len(expected)} found, {len(found - expected)} wrong")
+        for label, names in found.items():
+            results[f"{label}_hits"] = len(names & expected)
+            print(f"  {label}: {len(names & expected)} of {len(expected)} found, {len(names - expected)} wrong")
     return results
+
 
 if __name__ == "__main__":
     main()

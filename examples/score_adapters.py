@@ -11,14 +11,17 @@ measures what a user is served. Metrics, one per task:
   loraserve reports), lower is better; beside it the share of greedy continuations that keep the telegram's
   conventions (`lesson_data.in_telegram_style`);
 - summary: ROUGE-L F1 (Google's `rouge-score`, stemmed) of the greedy summary against the reference, mean x 100;
-- entities: entity-level micro F1 x 100, an entity counting as found when its type and exact text match (CoNLL's rule).
+- entities: entity-level micro F1 x 100, an entity counting as found when its type and exact text match (CoNLL's rule),
+  the answer read as the `Entities` JSON the adapter is trained to write (anything else holds no entity);
+- prose: perplexity of benchmarks/data/perplexity.txt, a story no model here was trained on, in windows of
+  `PROSE_WINDOW` tokens: what an adapter does to text that is none of the tasks.
 
 A model's answer is the first non-empty line it writes, so the base model, which never learned to stop, is judged on
 the line it starts with, not on what it rambles into next.
 
 The verdict applies margins fixed before the first run (`OWN_TASK_MARGIN`, `OTHER_TASK_BOUND`): each adapter must
-beat the base model on its own task by the margin, and be no worse than the base model on the other two by more than
-the bound.
+beat the base model on its own task by the margin, and be no worse than the base model on the other two, and on the
+prose, by more than the bound.
 """
 
 from __future__ import annotations
@@ -46,13 +49,17 @@ from loraserve.sampling.params import SamplingParams
 from lesson_data import HELDOUT_SIZE, TASKS, Example, in_telegram_style, parse_entities, split
 
 HERE = Path(__file__).parent
+PROSE_FILE = HERE.parent / "benchmarks" / "data" / "perplexity.txt"
+PROSE_WINDOW = 256  # tokens per scored window of the prose (each window starts afresh after BOS)
 BASE = "base"
-METRIC_NAMES = {"style": "style: perplexity", "summary": "summary: ROUGE-L", "entities": "entities: F1"}
-LOWER_IS_BETTER = {"style"}
+PROSE = "prose"
+METRIC_NAMES = {"style": "style: perplexity", "summary": "summary: ROUGE-L", "entities": "entities: F1",
+                PROSE: "prose: perplexity"}
+LOWER_IS_BETTER = {"style", PROSE}
 # own task: perplexity at most this factor of the base model's; ROUGE-L and F1 at least this many points above it
 OWN_TASK_MARGIN = {"style": 0.5, "summary": 20.0, "entities": 30.0}
 # other tasks: perplexity at most this factor above the base model's; ROUGE-L and F1 at most this many points below
-OTHER_TASK_BOUND = {"style": 1.10, "summary": 5.0, "entities": 5.0}
+OTHER_TASK_BOUND = {"style": 1.10, "summary": 5.0, "entities": 5.0, PROSE: 1.10}
 ANSWER_ROOM = 16  # new tokens allowed past the longest reference answer
 
 
@@ -66,6 +73,7 @@ class TaskResult:
 @dataclass
 class Evaluation:
     results: dict[str, dict[str, TaskResult]] = field(default_factory=dict)  # model -> task -> result
+    prose: dict[str, float] = field(default_factory=dict)  # model -> perplexity of the prose
     seconds: float = 0.0
 
 
@@ -110,6 +118,7 @@ def evaluate(llm: LLM, adapters: dict[str, Path], heldout: dict[str, list[Exampl
             else:
                 evaluation.results[name][task] = TaskResult(entity_f1(given, references), given)
         print(f"{task}: scored {len(models)} models at {time.perf_counter() - started:.0f} s", flush=True)
+    evaluation.prose = prose_perplexity(llm, models, PROSE_FILE.read_text())
     evaluation.seconds = time.perf_counter() - started
     return evaluation
 
@@ -143,6 +152,22 @@ def continuation_perplexity(llm: LLM, models: dict[str, AdapterRef | None], exam
     return perplexities
 
 
+def prose_perplexity(llm: LLM, models: dict[str, AdapterRef | None], text: str) -> dict[str, float]:
+    """exp(mean negative logprob) of every token of `text` but each window's first, per model."""
+    tokenizer = llm.engine.tokenizer
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    windows = [bos + ids[start : start + PROSE_WINDOW] for start in range(0, len(ids), PROSE_WINDOW)]
+    params = SamplingParams(max_new_tokens=1, temperature=0, prompt_logprobs=0, chosen_logprob=False)
+    completions = llm.generate(windows * len(models), params, [ref for ref in models.values() for _ in windows])
+    perplexities = {}
+    for index, name in enumerate(models):
+        logprobs = [entry[1] for completion in completions[index * len(windows) : (index + 1) * len(windows)]
+                    for entry in completion.prompt_logprobs[len(bos) + 1 :]]
+        perplexities[name] = math.exp(-sum(logprobs) / len(logprobs))
+    return perplexities
+
+
 def verdicts(evaluation: Evaluation) -> list[tuple[str, str, bool, str]]:
     """(adapter, task, passed, the rule it was held to) for every adapter and task."""
     base = evaluation.results[BASE]
@@ -162,6 +187,8 @@ def verdicts(evaluation: Evaluation) -> list[tuple[str, str, bool, str]]:
             else:
                 rule, passed = f">= base - {OTHER_TASK_BOUND[task]:g}", ours >= theirs - OTHER_TASK_BOUND[task]
             checks.append((name, task, passed, rule))
+        bound = OTHER_TASK_BOUND[PROSE]
+        checks.append((name, PROSE, evaluation.prose[name] <= bound * evaluation.prose[BASE], f"<= {bound} x base"))
     return checks
 
 
@@ -184,27 +211,32 @@ def results_markdown(evaluation: Evaluation, heldout: dict[str, list[Example]], 
         f"adapters from their folders. Scoring took {evaluation.seconds:.0f} s.",
         "",
         "| model | " + " | ".join(f"{METRIC_NAMES[task]} ({len(heldout[task])})" for task in heldout)
-        + " | style: greedy continuations in style |",
-        "| --- | " + " | ".join("---:" for _ in heldout) + " | ---: |",
+        + f" | {METRIC_NAMES[PROSE]} | style: greedy continuations in style |",
+        "| --- | " + " | ".join("---:" for _ in heldout) + " | ---: | ---: |",
     ]
     for name, results in evaluation.results.items():
         cells = [f"{results[task].score:.2f}" if task in LOWER_IS_BETTER else f"{results[task].score:.1f}"
                  for task in heldout]
         share = f"{results['style'].style_share:.0f}%"
-        lines.append(f"| {name if name == BASE else name + ' adapter'} | " + " | ".join(cells) + f" | {share} |")
+        lines.append(f"| {name if name == BASE else name + ' adapter'} | " + " | ".join(cells)
+                     + f" | {evaluation.prose[name]:.2f} | {share} |")
     lines += [
         "", "Perplexity: lower is better; ROUGE-L and F1: higher is better, in points (x 100). Off-task perplexity "
         "measures how much probability an adapter still gives text it was not trained for: one that learned to "
         "answer in its own format (and to stop) gives a telegram's tokens less, even where its greedy continuation "
-        "is no different from the base model's; the last column shows what greedy decoding serves.", "",
+        "is no different from the base model's; the last column shows what greedy decoding serves. Prose: "
+        f"{PROSE_FILE.relative_to(HERE.parent)} in windows of {PROSE_WINDOW} tokens, text none of the adapters was "
+        "trained on or held to the base model on.", "",
     ]
     checks = verdicts(evaluation)
     lines += [
-        "Criteria, fixed before the first run: an adapter beats the base model on its own task by at least "
+        "Criteria, fixed before the first run (the prose bound before the second, when the adapters were first "
+        "held to the base model on other text): an adapter beats the base model on its own task by at least "
         f"{OWN_TASK_MARGIN['summary']:g} ROUGE-L points, {OWN_TASK_MARGIN['entities']:g} F1 points, or with at "
         f"most {OWN_TASK_MARGIN['style']:g}x its perplexity; on the other tasks it loses at most "
         f"{OTHER_TASK_BOUND['summary']:g} points or raises perplexity by at most "
-        f"{(OTHER_TASK_BOUND['style'] - 1) * 100:.0f}%.",
+        f"{(OTHER_TASK_BOUND['style'] - 1) * 100:.0f}%, and raises the prose's perplexity by at most "
+        f"{(OTHER_TASK_BOUND[PROSE] - 1) * 100:.0f}%.",
         "",
         "| adapter | task | rule | passed |",
         "| --- | --- | --- | --- |",
@@ -237,14 +269,18 @@ def training_lines(adapters: dict[str, Path]) -> list[str]:
         return []
     lines = ["## Training", "", f"Command: `{records[0]['command']}`. Time: wall-clock seconds of the training "
              "loop (loading the model not included), shared with whatever else ran on the machine.", "",
-             "| adapter | steps x batch | examples | rank / alpha, modules | lr | loss first -> last 10 | time "
-             "| threads |",
-             "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: |"]
+             "| adapter | steps x batch | examples | rank / alpha, modules | lr | loss first -> last 10 "
+             "| held to the base model on | KL first -> last 10 | time | threads |",
+             "| --- | ---: | ---: | --- | ---: | --- | --- | --- | ---: | ---: |"]
     for record in records:
+        keep = (f"{', '.join(record['keep_tasks'])} ({record['keep_batch_size']} texts x "
+                f"{record['keep_positions']} positions per step, weight {record['keep_weight']:g})"
+                if record.get("keep_weight") else "nothing")
+        kl = f"{record['first_keep_kl']:.3f} -> {record['final_keep_kl']:.3f}" if record.get("keep_weight") else "-"
         lines.append(
             f"| {record['task']} | {record['steps']} x {record['batch_size']} | {record['examples']} | "
             f"{record['rank']} / {record['alpha']}, {len(record['target_modules'])} projections | {record['lr']:g} | "
-            f"{record['first_loss']:.2f} -> {record['final_loss']:.2f} | {record['seconds']:.0f} s | "
+            f"{record['first_loss']:.2f} -> {record['final_loss']:.2f} | {keep} | {kl} | {record['seconds']:.0f} s | "
             f"{record['threads']} |")
     return lines + [""]
 

@@ -60,6 +60,10 @@ def test_each_task_gets_a_peft_adapter_folder_with_its_training_record(pipeline:
         assert any(tensor.abs().max() > 0 for tensor in lora_b)  # B starts at zero: training moved it
         record = json.loads((folder / "training.json").read_text())
         assert record["task"] == task and record["steps"] == STEPS and math.isfinite(record["final_loss"])
+        # held to the base model on the other tasks' texts: the KL starts at zero (B is zero, so the adapted model
+        # is the teacher) and training moves it
+        assert record["keep_tasks"] == [other for other in TASKS if other != task]
+        assert record["first_keep_kl"] == pytest.approx(0.0, abs=1e-4) and record["final_keep_kl"] > 0
         assert not (folder / "README.md").exists()
 
 
@@ -81,23 +85,29 @@ def test_the_results_table_has_every_model_task_and_the_verdicts(pipeline: tuple
     text = results.read_text()
     for row in ("| base |", "| style adapter |", "| summary adapter |", "| entities adapter |"):
         line = next(line for line in text.splitlines() if line.startswith(row))
-        assert len(line.strip("|").split("|")) == 5  # name, three tasks, style share
+        assert len(line.strip("|").split("|")) == 6  # name, three tasks, prose, style share
     assert f"{evaluation.results['base']['style'].score:.2f}" in text
+    assert all(math.isfinite(value) and value > 1 for value in evaluation.prose.values())
+    assert f"| {evaluation.prose['base']:.2f} |" in text and "| summary | prose | <= 1.1 x base |" in text
     assert "All criteria met:" in text and "| entities | entities | >= base + 30 |" in text
     assert "## Training" in text and "--steps 3" in text
     assert "Machine: " in text and "Command: `python examples/score_adapters.py" in text
 
 
 def test_entity_f1_counts_exact_type_and_text_matches(lesson: dict[str, ModuleType]) -> None:
-    f1 = lesson["score_adapters"].entity_f1
-    gold = ["person: Ann Lee; location: Oslo", "organization: Acme Inc"]
+    f1, fmt = lesson["score_adapters"].entity_f1, lesson["lesson_data"].format_entities
+    gold = [fmt([("person", "Ann Lee"), ("location", "Oslo")]), fmt([("organization", "Acme Inc")])]
+    assert gold[0] == '{"person":["Ann Lee"],"organization":[],"location":["Oslo"]}'
     assert f1(gold, gold) == 100.0
     # 2 hits of 3 predicted and 3 expected: precision = recall = 2/3
-    predicted = ["person: Ann Lee; location: Paris", "organization: Acme Inc"]
+    predicted = [fmt([("person", "Ann Lee"), ("location", "Paris")]), gold[1]]
     assert f1(predicted, gold) == pytest.approx(200 / 3)
-    assert f1(["Ann Lee went to Oslo.", "none"], gold) == 0.0
+    none = fmt([])
+    # prose, the old `type: name` format and JSON the schema refuses hold no entities
+    assert f1(["Ann Lee went to Oslo.", "person: Ann Lee; location: Oslo"], gold) == 0.0
+    assert f1(['{"person":["Ann Lee"],"city":["Oslo"]}', none], gold) == 0.0
     # a wrong type is a miss: 1 hit of 2 predicted and 3 expected, F1 = 2 (1/2)(1/3) / (1/2 + 1/3) = 0.4
-    assert f1(["location: Ann Lee; location: Oslo", "none"], gold) == pytest.approx(40.0)
+    assert f1([fmt([("location", "Ann Lee"), ("location", "Oslo")]), none], gold) == pytest.approx(40.0)
 
 
 def test_rouge_l_and_the_telegram_style_check(lesson: dict[str, ModuleType]) -> None:
@@ -123,4 +133,6 @@ def test_the_datasets_are_deterministic_and_the_split_is_disjoint(lesson: dict[s
     for example in data.build("entities", 200, seed=0):
         names = data.parse_entities(example.target)
         assert all(name in example.prompt for _, name in names)
-        assert (example.target.strip() == data.NO_ENTITIES) == (not names)
+        assert data.Entities.model_validate_json(example.target)  # every target fits the schema it is served with
+        assert example.target.strip() == data.format_entities(sorted(names, key=lambda e: example.prompt.index(e[1])))
+    assert any(not data.parse_entities(e.target) for e in data.build("entities", 200, seed=0))
