@@ -38,7 +38,7 @@ from benchmarks.serving import assets
 from benchmarks.serving.metrics import summarize
 from benchmarks.serving.peers import LlamaCppPeer, LoraservePeer, Peer, VLLMPeer
 from benchmarks.serving.peers.base import LOGS_DIR
-from benchmarks.serving.report import _div, _f
+from benchmarks.serving.report import number, ratio
 from benchmarks.serving.workload import TimedRequest, WorkloadSpec, generate
 
 BENCH = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def _cell(rows: dict, row: Row) -> list[str]:
         return ["-", "-"]
     got = rows[row.key]
     short = f" ({got['tokens']}/{got['expected_tokens']} tokens)" if got["tokens"] < got["expected_tokens"] else ""
-    return [_f(got["tok_per_s"], 1) + short, _f(got["tpot_ms"], 1)]
+    return [number(got["tok_per_s"], 1) + short, number(got["tpot_ms"], 1)]
 
 
 def _tok(record: dict, name: str, row: Row) -> float:
@@ -172,7 +172,7 @@ def _tables(record: dict) -> list[str]:
              "|---" * (1 + 2 * len(names) + len(others)) + "|"]
     for row in ROWS:
         cells = [cell for name in names for cell in _cell(record["peers"][name]["rows"], row)]
-        cells += [_f(_div(_tok(record, OURS, row), _tok(record, name, row))) for name in others]
+        cells += [number(ratio(_tok(record, OURS, row), _tok(record, name, row))) for name in others]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     adapter_rows = [row for row in ROWS if row.targets]
     lines += ["", "Adapters against the base model, tok/s over tok/s of the same number of requests:", "",
@@ -181,7 +181,7 @@ def _tables(record: dict) -> list[str]:
     for name in names:
         if any(row.key in record["peers"][name]["rows"] for row in adapter_rows):
             lines.append(f"| {name} | " + " | ".join(
-                _f(_div(_tok(record, name, row), _tok(record, name, _base_of(row)))) for row in adapter_rows) + " |")
+                number(ratio(_tok(record, name, row), _tok(record, name, _base_of(row)))) for row in adapter_rows) + " |")
     return lines
 
 

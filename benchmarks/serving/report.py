@@ -17,7 +17,7 @@ OURS = "loraserve"
 HEADING = "## Serving benchmark: the multi-adapter workload against peers"
 
 
-def _f(value: float, digits: int = 2) -> str:
+def number(value: float, digits: int = 2) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
@@ -31,10 +31,10 @@ def _table(record: dict) -> list[str]:
                 s = run["summary"]
                 slo = list(s["slo"].values())
                 lines.append(
-                    f"| {label} | {name} | {s['completed']}/{s['requests']} | {_f(s['req_per_s'])} | "
-                    f"{_f(s['out_tok_per_s'], 1)} | {' / '.join(_f(s['ttft'][q]) for q in ('p50', 'p90', 'p99'))} | "
-                    f"{_f(s['tpot']['p50'] * 1e3, 0)} / {_f(s['tpot']['p99'] * 1e3, 0)} | "
-                    f"{' / '.join(_f(s['e2e'][q]) for q in ('p50', 'p90', 'p99'))} | {slo[0]:.0%} | {slo[1]:.0%} |")
+                    f"| {label} | {name} | {s['completed']}/{s['requests']} | {number(s['req_per_s'])} | "
+                    f"{number(s['out_tok_per_s'], 1)} | {' / '.join(number(s['ttft'][q]) for q in ('p50', 'p90', 'p99'))} | "
+                    f"{number(s['tpot']['p50'] * 1e3, 0)} / {number(s['tpot']['p99'] * 1e3, 0)} | "
+                    f"{' / '.join(number(s['e2e'][q]) for q in ('p50', 'p90', 'p99'))} | {slo[0]:.0%} | {slo[1]:.0%} |")
     return lines
 
 
@@ -53,14 +53,14 @@ def _ratios(record: dict) -> list[str]:
             if theirs is None:
                 cells += ["-"] * 3
                 continue
-            cells += [_f(_div(mine["out_tok_per_s"], theirs["out_tok_per_s"])),
-                      _f(_div(mine["ttft"]["p50"], theirs["ttft"]["p50"])),
-                      _f(_div(mine["e2e"]["p99"], theirs["e2e"]["p99"]))]
+            cells += [number(ratio(mine["out_tok_per_s"], theirs["out_tok_per_s"])),
+                      number(ratio(mine["ttft"]["p50"], theirs["ttft"]["p50"])),
+                      number(ratio(mine["e2e"]["p99"], theirs["e2e"]["p99"]))]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _div(a: float, b: float) -> float:
+def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) else math.nan
 
 

@@ -138,7 +138,8 @@ class ProjectionLoRA:
         batch = get_forward_context().lora
         if batch is None or not self.placements:
             return y
-        if batch.uniform_slot is not None:
+        fused = fused_lora_available(x.device)
+        if batch.uniform_slot is not None and not fused:
             placement = self.placements.get(batch.uniform_slot)
             if placement is None:
                 return y
@@ -146,7 +147,7 @@ class ProjectionLoRA:
         view = self._arena_view(batch)
         if not view.any_placed:
             return y
-        if fused_lora_available(x.device):
+        if fused:  # for one adapter too: its two small bf16 matmuls cost more than one call of the op
             return add_lora_(y, x, self.a, self.b, batch.rows, batch.seg_starts, view.offsets_tensor,
                              view.ranks_tensor)
         layer = self.segments(batch)

@@ -5,11 +5,12 @@ layer then runs over its own adapters only (see `layers.lora`): a slot whose ada
 skipped, and each slot runs at its rank for that layer. The forms of the same sum, checked against each other:
 
 - the reference loop over tokens (the test oracle);
-- uniform: every token of the step uses one adapter: one matmul pair over the batch as it is;
+- uniform: every token of the step uses one adapter: one matmul pair over the batch as it is (where the fused op is
+  not built);
 - segmented: one pair of matmuls per adapter segment. Few long segments (prefill) cost one matmul pair each;
 - fused: one compiled call per layer for every segment (`lora_kernel`), where it is built: on the CPU it beats
-  the other forms at every batch shape measured (see RESULTS.md, LoRA kernel), so it serves every step with more
-  than one adapter;
+  the other forms at every batch shape measured, one adapter included (see RESULTS.md, the fused LoRA op), so it
+  serves every step that uses an adapter;
 - dense: one matmul pair over the layer's whole arena, each token keeping only its own adapter's columns by
   selection. It trades FLOPs (every token against every resident adapter) for a fixed few ops per layer, and is the
   many-segment form where the fused op is not built (CUDA, or no compiler).
