@@ -184,9 +184,6 @@ def main() -> None:
         write_results(args, rows_out, bandwidth, lora_kernel.fused_lora_info())
 
 
-if __name__ == "__main__":
-    main()
-
 
 def write_results(args: argparse.Namespace, rows_out: list, bandwidth: float, isa: str) -> None:
     forms = [name for name in FORMS if any(row[2] == name for row in rows_out)]
@@ -211,3 +208,7 @@ def write_results(args: argparse.Namespace, rows_out: list, bandwidth: float, is
         lines.append(f"| {adapters} x {per} | {timings} | {f'{err:.1e}' if err is not None else '-'} |")
     lines.append("")
     replace_section(HEADING, lines)
+
+
+if __name__ == "__main__":
+    main()
