@@ -15,11 +15,19 @@ class RMSNorm(nn.Module):
         # Gemma stores w with the 1 removed (`offset=1.0`); Llama stores it whole (`offset=0.0`).
         self.offset = offset
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim), requires_grad=False)
+        self._scale: tuple[int, torch.Tensor] | None = None  # (weight version, offset + weight in fp32)
+
+    def _fp32_scale(self) -> torch.Tensor:
+        """`offset + weight` in fp32, made once per value of the weight rather than twice per call."""
+        version = self.weight._version
+        if self._scale is None or self._scale[0] != version or self._scale[1].device != self.weight.device:
+            self._scale = (version, self.offset + self.weight.detach().float())
+        return self._scale[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
             # Gemma multiplies in fp32 before the cast back; Llama casts first. Both orders matter for bf16 parity.
-            return (normed * (self.offset + self.weight.float())).to(x.dtype)
+            return (normed * self._fp32_scale()).to(x.dtype)
         return self.weight * normed.to(x.dtype)
