@@ -4,6 +4,10 @@ Each layer owns two cache tensors `[num_blocks, block_size, kv_heads, head_dim]`
 the new tokens' K and V at their slots, then, for each attention group of the step, gathers the keys each sequence
 sees through its block table and runs one padded attention call. The gather costs a copy of the visible cache; on the
 CPU this is cheaper than a Python loop over sequences, and a fused paged kernel can replace it on CUDA.
+
+Decode groups (one query per sequence) on the CPU skip SDPA for two plain matmuls with the query heads of each KV
+head as the rows of one product, in fp32: torch's CPU flash kernel tiles for long queries and spends most of a
+one-query call on that (benchmarks/RESULTS.md, decode attention, has the measurements). Longer contexts keep SDPA.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.layers.context import AttentionGroup, get_forward_context
+
+# Decode attention by matmuls up to this many keys per sequence (measured faster up to here), SDPA beyond.
+DECODE_MATMUL_MAX_KEYS = 512
 
 
 class Attention(nn.Module):
@@ -69,7 +76,9 @@ class Attention(nn.Module):
         keys = k_flat[group.kv_slots].transpose(1, 2)  # [B, Hkv, max_kv, D]
         values = v_flat[group.kv_slots].transpose(1, 2)
         mask = group.mask(self.sliding_window)
-        if self.logit_softcap is None:
+        if query.shape[2] == 1 and query.device.type == "cpu" and keys.shape[2] <= DECODE_MATMUL_MAX_KEYS:
+            attended = self._decode(query, keys, values, mask)
+        elif self.logit_softcap is None:
             attended = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
             )
@@ -77,6 +86,19 @@ class Attention(nn.Module):
             attended = self._softcapped(query, keys, values, mask)
         valid = group.query_valid
         out[group.query_index[valid]] = attended.transpose(1, 2)[valid]
+
+    def _decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+                ) -> torch.Tensor:
+        """One query per sequence: `[B, H, 1, D]` as `[B, kv_heads, H / kv_heads, D]` (query head h reads KV head
+        h // group, as in the reference's `repeat_kv`), scores and weights in fp32, the output cast back once."""
+        batch, heads, _, dim = query.shape
+        rows = query.reshape(batch, self.num_kv_heads, heads // self.num_kv_heads, dim).float()
+        scores = torch.matmul(rows, keys.float().transpose(-1, -2)) * self.scale  # [B, kv_heads, group, max_kv]
+        if self.logit_softcap is not None:
+            scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        attended = torch.matmul(torch.softmax(scores, dim=-1), values.float())
+        return attended.to(query.dtype).reshape(batch, heads, 1, dim)
 
     def _softcapped(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor

@@ -1,0 +1,81 @@
+"""Decode attention on the CPU: torch's SDPA against the matmul form `layers.attention` uses for one-query groups, at
+the default model's shapes (32 sequences, 4 query heads over 1 KV head, head_dim 256, bf16), through the layer
+itself. Replaces its section of benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/decode_attention.py
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from results_file import machine, replace_section
+
+from loraserve.layers.attention import DECODE_MATMUL_MAX_KEYS, Attention
+
+HEADING = "## Decode attention: SDPA against two matmuls, default model shapes"
+SEQUENCES, HEADS, KV_HEADS, HEAD_DIM, SCALE = 32, 4, 1, 256, 256**-0.5
+
+
+def per_call_us(fn, repeats: int = 5, calls: int = 50) -> float:
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    layer = Attention(HEADS, KV_HEADS, HEAD_DIM, SCALE)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for keys_len in (16, 64, 128, 256, 512):
+        shape = (SEQUENCES, HEADS, 1, HEAD_DIM)
+        query = torch.randn(shape, generator=generator).bfloat16()
+        keys = torch.randn(SEQUENCES, KV_HEADS, keys_len, HEAD_DIM, generator=generator).bfloat16()
+        values = torch.randn(SEQUENCES, KV_HEADS, keys_len, HEAD_DIM, generator=generator).bfloat16()
+        mask = torch.ones(SEQUENCES, 1, 1, keys_len, dtype=torch.bool)
+        mask[::2, ..., keys_len // 2 :] = False  # half the sequences see half the keys, as padding does
+
+        def sdpa() -> torch.Tensor:
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=SCALE, enable_gqa=True)
+
+        def matmuls() -> torch.Tensor:
+            return layer._decode(query, keys, values, mask)
+
+        reference = F.scaled_dot_product_attention(query.float(), keys.float(), values.float(), attn_mask=mask,
+                                                   scale=SCALE, enable_gqa=True)
+        errors = [(fn().float() - reference).abs().max().item() for fn in (sdpa, matmuls)]
+        rows.append((keys_len, per_call_us(sdpa), per_call_us(matmuls), *errors))
+        print(rows[-1], flush=True)
+    lines = [
+        f"{HEADING} ({datetime.datetime.now().isoformat(timespec='minutes')})",
+        "",
+        f"- Machine: {machine()}, {torch.get_num_threads()} torch threads.",
+        "- Command: `.venv/bin/python benchmarks/decode_attention.py`",
+        f"- Workload: one decode step's attention in one layer: {SEQUENCES} sequences, one query each, {HEADS} query "
+        f"heads over {KV_HEADS} KV head, head_dim {HEAD_DIM}, bf16; half the sequences masked to half the keys. "
+        "Matmuls: `Attention._decode` (query heads of a KV head as rows, fp32 scores and weights). Error: max "
+        "absolute difference from SDPA in fp32.",
+        "",
+        "| keys per sequence | SDPA us | matmuls us | speed-up | SDPA error | matmuls error |",
+        "|---|---|---|---|---|---|",
+        *[f"| {k} | {a:.0f} | {b:.0f} | {a / b:.1f}x | {ea:.4f} | {eb:.4f} |" for k, a, b, ea, eb in rows],
+        "",
+        f"- The layer takes the matmul form for decode groups up to {DECODE_MATMUL_MAX_KEYS} keys on the CPU; "
+        "longer contexts and prefill keep SDPA.",
+        "",
+    ]
+    replace_section(HEADING, lines)
+
+
+if __name__ == "__main__":
+    main()
