@@ -73,3 +73,29 @@ def test_paged_attention_matches_contiguous(window: int | None, softcap: float |
             torch.testing.assert_close(out[offset : offset + b - a], expected, rtol=1e-5, atol=1e-5)
             offset += b - a
             seq["done"] = b
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 1), (4, 2), (6, 3), (2, 2)])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_decode_matmuls_equal_attention_by_definition(heads: int, kv_heads: int, softcap: float | None) -> None:
+    """The CPU decode form (query heads of a KV head as rows of one matmul) against attention written out per head,
+    with query head h reading KV head h // (heads / kv_heads) and masked keys left out."""
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    batch, keys_len, dim, scale = 5, 7, 16, 0.25
+    query = torch.randn(batch, heads, 1, dim, generator=g)
+    keys = torch.randn(batch, kv_heads, keys_len, dim, generator=g)
+    values = torch.randn(batch, kv_heads, keys_len, dim, generator=g)
+    lengths = [7, 1, 4, 6, 3]
+    mask = torch.zeros(batch, 1, 1, keys_len, dtype=torch.bool)
+    for b, length in enumerate(lengths):
+        mask[b, ..., :length] = True
+    layer = Attention(heads, kv_heads, dim, scale, logit_softcap=softcap)
+    got = layer._decode(query, keys, values, mask)
+    group = heads // kv_heads
+    for b, length in enumerate(lengths):
+        for h in range(heads):
+            scores = keys[b, h // group, :length] @ query[b, h, 0] * scale
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            want = torch.softmax(scores, dim=0) @ values[b, h // group, :length]
+            torch.testing.assert_close(got[b, h, 0], want, rtol=1e-5, atol=1e-5)
