@@ -38,7 +38,7 @@ from benchmarks.serving import assets
 from benchmarks.serving.metrics import summarize
 from benchmarks.serving.peers import LlamaCppPeer, LoraservePeer, Peer, VLLMPeer
 from benchmarks.serving.peers.base import LOGS_DIR
-from benchmarks.serving.report import number, ratio
+from benchmarks.serving.report import number, peer_lines, ratio
 from benchmarks.serving.workload import TimedRequest, WorkloadSpec, generate
 
 BENCH = Path(__file__).resolve().parents[1]
@@ -238,13 +238,7 @@ def write(record: dict) -> None:
         "the one-request row: its server serializes requests and applies one LoRA to all of them.", "",
         "### Peers", "",
     ]
-    for name, peer in record["peers"].items():
-        lines.append(f"- **{name}**: {peer['version']}" + (f"; started in {peer['startup_s']:.0f} s"
-                                                           if "startup_s" in peer else ""))
-        if peer["command"]:
-            lines.append(f"  - `{peer['command']}`")
-        if peer["error"]:
-            lines += ["  - error, no numbers past this point:", "", "```", peer["error"][-3000:], "```"]
+    lines += peer_lines(record)
     lines += ["", "### Results", "", f"{OURS} / peer is output tok/s over output tok/s: above 1 is in our favour.", "",
               *_tables(record), "", f"![tok/s per row and peer]({os.path.relpath(figure, results.parent)})", ""]
     if quick:

@@ -60,6 +60,19 @@ def _ratios(record: dict) -> list[str]:
     return lines
 
 
+def peer_lines(record: dict) -> list[str]:
+    """Each peer's version, start-up time, command and error (if any), as the results file lists them."""
+    lines = []
+    for name, peer in record["peers"].items():
+        lines.append(f"- **{name}**: {peer['version']}" + (f"; started in {peer['startup_s']:.0f} s"
+                                                           if "startup_s" in peer else ""))
+        if peer["command"]:
+            lines.append(f"  - `{peer['command']}`")
+        if peer["error"]:
+            lines += ["  - error, no numbers past this point:", "", "```", peer["error"][-3000:], "```"]
+    return lines
+
+
 def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) else math.nan
 
@@ -88,13 +101,7 @@ def write(record: dict) -> None:
         "the first streamed token; TPOT = (E2E - TTFT) / (tokens - 1).", "",
         "### Peers", "",
     ]
-    for name, peer in record["peers"].items():
-        lines.append(f"- **{name}**: {peer['version']}" + (f"; started in {peer['startup_s']:.0f} s"
-                                                           if "startup_s" in peer else ""))
-        if peer["command"]:
-            lines.append(f"  - `{peer['command']}`")
-        if peer["error"]:
-            lines += ["  - error, no numbers past this point:", "", "```", peer["error"][-3000:], "```"]
+    lines += peer_lines(record)
     lines += ["", "### Results", "", *_table(record), "",
               f"### Ratios, {OURS} / peer", "", "Throughput above 1 and latency below 1 are in our favour.", "",
               *_ratios(record), "",
