@@ -42,6 +42,7 @@ from loraserve.client import Client as ReadinessClient
 
 BASE_PROMPT = "What is deep learning?"
 EXTRACTION_TASK = "entities"
+STRUCTURED_TOKENS = 256  # room for any answer of the lesson's data several times over
 TITLES = {"style": "telegram-style completion", "summary": "one-sentence summary", "entities": "entity extraction"}
 COLOURS = ("31", "34", "32", "35")  # ANSI red, blue, green, magenta: one per concurrent stream
 PLOT_COLOURS = ("tab:red", "tab:blue", "tab:green", "m")  # the same, in the plot
@@ -260,8 +261,15 @@ def structured(client: Client, adapter: Path, prompt: str, own_answer: str,
     found: dict[str, set[tuple[str, str]]] = {}
     results: dict[str, Any] = {}
     for label, parameters in (("base", {}), ("adapter", {"adapter_id": str(adapter), "adapter_source": "local"})):
-        text = client.generate(prompt, response_format=response_format, **parameters).generated_text
-        entities = Entities.model_validate_json(text)  # the schema guarantees it parses
+        response = client.generate(prompt, response_format=response_format, max_new_tokens=STRUCTURED_TOKENS,
+                                   **parameters)
+        text = response.generated_text
+        if response.details.finish_reason == "length":
+            # the schema decides what may be written, not when writing stops: an answer cut off is not yet JSON
+            print(f"{label}, schema-constrained: did not finish within {STRUCTURED_TOKENS} tokens: {text[:120]!r}")
+            results[label], found[label] = None, set()
+            continue
+        entities = Entities.model_validate_json(text)  # a finished answer is the schema's JSON
         print(f"{label}, schema-constrained: {text}\n  -> {entities!r}")
         results[label] = entities.model_dump()
         found[label] = parse_entities(text)
