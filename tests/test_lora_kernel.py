@@ -14,6 +14,7 @@ import logging
 import pytest
 import torch
 
+from loraserve import kernels
 from loraserve.layers import lora_kernel
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -217,9 +218,9 @@ def test_build_failure_falls_back_and_logs(monkeypatch, caplog):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(lora_kernel, "_op", None)
-    monkeypatch.setattr(lora_kernel, "_module", None)
-    monkeypatch.setattr(lora_kernel, "_build", broken)
-    with caplog.at_level(logging.WARNING, logger=lora_kernel.__name__):
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_build", broken)
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
         assert not lora_kernel.fused_lora_available("cpu")
         assert not lora_kernel.fused_lora_available("cpu")  # tried once, logged once
     assert sum("no compiler here" in r.getMessage() for r in caplog.records) == 1

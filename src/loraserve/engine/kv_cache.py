@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from loraserve.layers.attention import Attention
@@ -23,4 +26,14 @@ def allocate_kv_cache(
     """Allocate `[num_blocks, block_size, kv_heads, head_dim]` K and V tensors per layer and bind them."""
     for layer in layers:
         shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
-        layer.bind_cache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        layer.bind_cache(_zeroed(shape, dtype, device), _zeroed(shape, dtype, device))
+
+
+def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on the CPU in anonymous memory that the OS zero-fills on first touch, so the pool's pages become
+    resident as requests fill them and the process's RSS reflects the KV it holds, not the budget it may use."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    pages = mmap.mmap(-1, max(1, count * torch.empty((), dtype=dtype).element_size()))
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # the tensor keeps `pages` alive

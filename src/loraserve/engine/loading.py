@@ -24,10 +24,10 @@ from loraserve.models.loader import load_model, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
-# Under --quantize the lm_head gets a separate int8 copy (a tied head keeps the embedding's float table beside it),
-# multiplied with per-token int8 activations on oneDNN's int8 GEMM where it runs ("w8a8", quant/int8.py): half the
-# head's bytes at the weight-only int8 head's perplexity, and faster than it at every batch size (benchmarks/RESULTS.md,
-# "Weight-only quantization", has the figures).
+# Under --quantize the lm_head's int8 weights are multiplied with per-token int8 activations ("w8a8", quant/int8.py):
+# at every batch size faster than a weight-only head at the weight-only head's perplexity, and its codes then serve a
+# tied embedding table too, so the table is held once, in int8. The decoder stays weight-only: per-token activations
+# there cost several times the perplexity (benchmarks/RESULTS.md, "Weight-only quantization", has the figures).
 _LM_HEAD_FORMAT = "w8a8"
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve.layers.embedding import VocabEmbedding
 from loraserve.quant import QuantizedWeight, quantize
 
 
@@ -113,4 +114,16 @@ def quantize_linear_weights(model: nn.Module, format_of: Callable[[str], str | N
         if fmt is not None:
             linear.quantize(fmt, release_plain=id(linear.weight) not in shared, name=name)
             counts[fmt] = counts.get(fmt, 0) + 1
+    _share_tied_tables(model)
     return counts
+
+
+def _share_tied_tables(model: nn.Module) -> None:
+    """An embedding table tied to a quantized `Linear` whose format can serve rows (int8 w8a8) reads them from it,
+    and the float table goes: the quantized model keeps one copy of it, in the narrow format."""
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight is not None]
+    for embedding in (m for m in model.modules() if isinstance(m, VocabEmbedding) and m.weight is not None):
+        for linear in linears:
+            if linear.weight is embedding.weight and hasattr(linear.quantized, "lookup"):
+                embedding.set_quantized(linear.quantized)  # type: ignore[arg-type]
+                linear.register_parameter("weight", None)

@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 
 from loraserve.quant.int4 import Int4Weight
-from loraserve.quant.int8 import Int8DynamicWeight, Int8Weight, dynamic_kernel_applies
+from loraserve.quant.int8 import Int8BlockedWeight, Int8Weight, int8_op_runs
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +44,19 @@ def _int4(weight: torch.Tensor, name: str = "") -> QuantizedWeight:
         return Int4Weight.quantize(weight, INT4_GROUP)
     logger.info("int4: %s has in_features %d, not a multiple of the group size %d; quantized to int8 instead",
                 name or "a layer", weight.shape[1], INT4_GROUP)
-    return Int8Weight.quantize(weight)
+    return _int8(weight)
 
 
 def _int8(weight: torch.Tensor, name: str = "") -> QuantizedWeight:
+    """Weight-only int8: on loraserve's op where it runs (its layout), else on torch's kernels (theirs)."""
+    if weight.device.type == "cpu" and int8_op_runs(int8_activations=False):
+        return Int8BlockedWeight.quantize(weight, int8_activations=False)
     return Int8Weight.quantize(weight)
 
 
 def _w8a8(weight: torch.Tensor, name: str = "") -> QuantizedWeight:
-    """int8 weights and per-token int8 activations where oneDNN's int8 GEMM runs, else weight-only int8."""
-    if dynamic_kernel_applies(weight.device):
-        return Int8DynamicWeight.quantize(weight)
-    logger.info("w8a8: no int8 GEMM on %s for %s; weight-only int8 instead", weight.device, name or "a layer")
-    return Int8Weight.quantize(weight)
+    """int8 weights and per-token int8 activations (loraserve's int8 op where it is built, else a torch form)."""
+    return Int8BlockedWeight.quantize(weight, int8_activations=True)
 
 
 FORMATS: dict[str, Callable[..., QuantizedWeight]] = {"int8": _int8, "int4": _int4, "w8a8": _w8a8}

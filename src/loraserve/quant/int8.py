@@ -1,15 +1,17 @@
-"""int8 weights, one symmetric scale per output channel: weight-only (`Int8Weight`) or with int8 activations
-(`Int8DynamicWeight`, for the lm_head).
+"""int8 weights, one symmetric scale per output channel: in torch's layout for its own kernels (`Int8Weight`), or in
+the layout of loraserve's int8 CPU op, weight-only or with int8 activations (`Int8BlockedWeight`).
 
-CPU decode uses torch's `_weight_int8pack_mm` with bf16 activations (fp32 activations hit a path ~20x slower). Its
-cost grows linearly with the rows of `x` (measured 0.036 ms/row for 2048x640), while dequantizing once costs about as
-much as 17 rows; so batches above `KERNEL_MAX_ROWS` rows dequantize in chunks and use a float matmul instead.
+`Int8Weight` serves where loraserve's op does not run: torch's `_weight_int8pack_mm` with bf16 activations (fp32
+activations hit a far slower path), whose cost grows linearly with the rows of `x`, so batches above
+`KERNEL_MAX_ROWS` rows dequantize in chunks and use a float matmul instead.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from loraserve import kernels
 
 KERNEL_MAX_ROWS = 16
 _CHUNK_ROWS = 16384  # output channels dequantized at a time: bounds the transient float copy (lm_head: 262k rows)
@@ -58,46 +60,91 @@ class Int8Weight:
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def dynamic_kernel_applies(device: torch.device) -> bool:
-    """oneDNN's int8 GEMM: CPU builds with oneDNN (every x86 build of torch)."""
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.onednn, "qlinear_pointwise"))
+class Int8BlockedWeight:
+    """int8 codes in the layout of loraserve's int8 CPU ops (`kernels/csrc/int8_cpu.cpp`), times float activations
+    (weight-only int8) or times activations quantized to int8 per token at run time ("w8a8").
 
-
-class Int8DynamicWeight:
-    """`Int8Weight`'s codes times activations quantized to int8 per token at run time, on oneDNN's int8 GEMM.
-
-    Why, for the lm_head: torch's weight-only kernel converts each weight to bf16 and, for Gemma 3 270M's 262k x 640
-    head at one row, reads its 168 MB at 10.8 GB/s (15.5 ms), no faster than the packed bf16 matmul reads 335 MB
-    (16.3 ms); above `KERNEL_MAX_ROWS` it dequantizes. The int8 x int8 GEMM takes 7.8 ms at one row and 36 ms at 32
-    (weight-only: 169 ms). One scale per token (absmax / 127) keeps each row's own resolution: the default model's
-    perplexity is 25.97 with this head, 26.00 with the weight-only int8 head, 26.19 with one scale per step.
+    The layout is `[N/16, K4, 16, 4]`: 16 output channels by 4 input channels per 64 bytes, what AVX512_VNNI
+    multiplies and what fp32 FMAs widen a byte of at a time. A row of the weight is a strided view of it, so `lookup`
+    serves a tied embedding table from the same bytes as the lm_head: a quantized model holds its 262k-row table
+    once, in int8. w8a8 gives each token row one scale (absmax / 127), which keeps each row's own resolution. Where
+    the op does not run (not built, no AVX-512 / VNNI, not the CPU) a torch form computes the same product in fp32
+    from dequantized chunks.
     """
 
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int]) -> None:
-        self.packed = packed  # oneDNN's layout of the int8 codes, `[K, N]`
-        self.scales = scales  # `[N]` float32: the bf16 scales of `Int8Weight`, widened for the kernel
+    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor, compensation: torch.Tensor,
+                 shape: tuple[int, int], int8_activations: bool) -> None:
+        self.blocks = blocks  # `[N/16, K4, 16, 4]` int8, N and K zero-padded
+        self.scales = scales  # `[N/16 * 16]` float32: the bf16 scales of `Int8Weight`, widened for the kernel
+        self.compensation = compensation  # `[N/16 * 16]` int32: 128 * each channel's code sum (unsigned activations)
         self.out_features, self.in_features = shape
-        self._zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+        self.int8_activations = int8_activations
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> Int8DynamicWeight:
+    def quantize(cls, weight: torch.Tensor, int8_activations: bool) -> Int8BlockedWeight:
         int8 = Int8Weight.quantize(weight)
-        return cls(torch.ops.onednn.qlinear_prepack(int8.codes, None), int8.scales.float(), tuple(int8.codes.shape))
+        return cls.from_codes(int8.codes, int8.scales, int8_activations)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, int8_activations: bool) -> Int8BlockedWeight:
+        """codes `[N, K]` int8 and scales `[N]`, re-laid out for the kernel (padding rows and columns with zeros)."""
+        n, k = codes.shape
+        padded = F.pad(codes, (0, -k % 4, 0, -n % 16))
+        groups, k4 = padded.shape[0] // 16, padded.shape[1] // 4
+        blocks = padded.view(groups, 16, k4, 4).transpose(1, 2).contiguous()
+        compensation = padded.sum(dim=1, dtype=torch.int32) * 128
+        return cls(blocks, F.pad(scales.float(), (0, -n % 16)), compensation, (n, k), int8_activations)
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales.nbytes
+        return self.blocks.nbytes + self.scales.nbytes + self.compensation.nbytes
+
+    def _codes(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The int8 codes of output channels `rows` (indices, or a slice of whole 16-channel groups), `[len, K]`."""
+        if isinstance(rows, slice):
+            part = self.blocks[rows].transpose(1, 2)
+        else:
+            part = self.blocks[rows // 16, :, rows % 16]
+        return part.reshape(-1, self.blocks.shape[1] * 4)[:, : self.in_features]
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the weight, as an embedding table: `[*ids.shape, K]` in `dtype`."""
+        flat = ids.reshape(-1)
+        rows = self._codes(flat).float() * self.scales[flat][:, None]
+        return rows.to(dtype).reshape(*ids.shape, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight the GEMM applies, read back through it: a one-hot row quantizes exactly (1 -> 127 / 127)."""
-        return self.matmul(torch.eye(self.in_features)).t().to(dtype)
+        return self.lookup(torch.arange(self.out_features, device=self.blocks.device), dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ w.T` in x's dtype; x is `[..., K]`, quantized to int8 row by row."""
-        flat = x.reshape(-1, self.in_features).float()
-        token_scales = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-        codes = (torch.round(flat / token_scales) + 128).to(torch.uint8)  # oneDNN takes uint8 with a zero point
-        y = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, self.packed, self.scales, self._zero_points, None,
-                                               1.0, 0, torch.float32, "none", [], "")
-        return (y * token_scales).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        """`x @ w.T` in x's dtype; x is `[..., K]` (under w8a8 quantized to int8 row by row)."""
+        flat = x.reshape(-1, self.in_features)
+        if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.bfloat16) and \
+                int8_op_runs(self.int8_activations):
+            flat = flat.contiguous()
+            if self.int8_activations:
+                y = torch.ops.loraserve.int8_linear(flat, self.blocks, self.scales, self.compensation)
+            else:
+                y = torch.ops.loraserve.int8_weight_linear(flat, self.blocks, self.scales)
+        else:
+            y = self._matmul_torch(flat)
+        return y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+
+    def _matmul_torch(self, flat: torch.Tensor) -> torch.Tensor:
+        """The op's product in fp32 from dequantized groups of channels: the fallback and the tests' reference."""
+        x = flat.float()
+        if self.int8_activations:
+            token_scales = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+            x = torch.round(x / token_scales).clamp(-127, 127)
+        step = max(1, _CHUNK_ROWS // 16)
+        y = torch.cat([F.linear(x, self._codes(slice(g, g + step)).float()) * self.scales[g * 16 : (g + step) * 16]
+                       for g in range(0, self.blocks.shape[0], step)], dim=-1)
+        return (y * token_scales if self.int8_activations else y).to(flat.dtype)
+
+
+def int8_op_runs(int8_activations: bool) -> bool:
+    """Whether loraserve's int8 CPU op is built here with vector kernels for this form: AVX512_VNNI for int8
+    activations, AVX-512 for float ones (their scalar forms are slower than torch's)."""
+    module = kernels.extension()
+    isa = module.int8_isa() if module is not None else "unavailable"
+    return isa == "avx512_vnni" if int8_activations else isa.startswith("avx512")

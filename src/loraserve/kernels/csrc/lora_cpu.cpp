@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
-#include <torch/csrc/utils/pybind.h>
 
 #include <omp.h>
 
@@ -26,32 +25,11 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define LORA_AVX512 1
-#include <immintrin.h>
-#endif
+#include "cpu_common.h"
 
 namespace {
 
-using bf16 = uint16_t;
-
-inline float to_f(float v) { return v; }
-inline float to_f(bf16 v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void from_f(float* p, float v) { *p = v; }
-inline void from_f(bf16* p, float v) {  // round to nearest even, NaN kept quiet (as torch rounds)
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    *p = bf16((u >> 16) | 0x40u);
-    return;
-  }
-  *p = bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+using namespace loraserve;
 
 struct Seg {
   int64_t start;   // into rows
@@ -66,30 +44,7 @@ struct Task {
   int32_t lo, hi;  // A rows [lo, hi) of the segment (shrink) or output columns [lo, hi) (expand)
 };
 
-#ifdef LORA_AVX512
-
-inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
-inline __mmask32 mask32(int64_t n) { return n >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << n) - 1u); }
-
-inline __m512 load_f(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_f(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 cvt_bf(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-inline __m512 load_f(const bf16* p) { return cvt_bf(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline __m512 load_f(const bf16* p, __mmask16 m) { return cvt_bf(_mm256_maskz_loadu_epi16(m, p)); }
-
-inline void store_f(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store_f(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline __m256i round_bf(__m512 v) {  // round to nearest even, NaN kept quiet: the same bits as from_f
-  __m512i u = _mm512_castps_si512(v);
-  __m512i hi = _mm512_srli_epi32(u, 16);
-  __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
-inline void store_f(bf16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf(v)); }
-inline void store_f(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, round_bf(v)); }
+#ifdef LORASERVE_AVX512
 
 // Shrink flavours: how K elements of A and x are loaded and multiplied into 16 fp32 lanes.
 template <typename T>
@@ -206,7 +161,7 @@ void shrink_rows(const T* A, int64_t in, int64_t nj, const T* const* xs, float* 
   }
 }
 
-#endif  // LORA_AVX512
+#endif  // LORASERVE_AVX512
 
 struct Problem {
   int64_t in, out, x_stride, y_stride;
@@ -220,7 +175,7 @@ void shrink_task(const Problem& p, const T* x, const T* a, const Task& task) {
   const Seg& g = (*p.segs)[task.seg];
   const T* A = a + (g.off + task.lo) * p.in;
   const int64_t nj = task.hi - task.lo;
-#ifdef LORA_AVX512
+#ifdef LORASERVE_AVX512
   for (int64_t t0 = 0; t0 < g.m; t0 += 4) {
     const int nt = int(std::min<int64_t>(4, g.m - t0));
     const T* xs[4];
@@ -254,7 +209,7 @@ template <typename T>
 void expand_task(const Problem& p, T* y, const T* b, const Task& task) {
   const Seg& g = (*p.segs)[task.seg];
   const T* B = b + g.off * p.out;
-#ifdef LORA_AVX512
+#ifdef LORASERVE_AVX512
   for (int64_t t0 = 0; t0 < g.m; t0 += 4) {
     const int nt = int(std::min<int64_t>(4, g.m - t0));
     T* ys[4];
@@ -429,7 +384,7 @@ at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a, cons
 
   Problem p{in, out, x.stride(0), y.stride(0), rw, sbuf.data(), &segs};
   if (dt == at::kFloat) {
-#ifdef LORA_AVX512
+#ifdef LORASERVE_AVX512
     run<float, FmaDot<float>>(p, y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),
                               shrink, expand, nth, whole);
 #else
@@ -441,9 +396,9 @@ at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a, cons
     auto* xp = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
     auto* ap = reinterpret_cast<const bf16*>(a.data_ptr<at::BFloat16>());
     auto* bp = reinterpret_cast<const bf16*>(b.data_ptr<at::BFloat16>());
-#if defined(LORA_AVX512) && defined(__AVX512BF16__)
+#if defined(LORASERVE_AVX512) && defined(__AVX512BF16__)
     run<bf16, Bf16Dot>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
-#elif defined(LORA_AVX512)
+#elif defined(LORASERVE_AVX512)
     run<bf16, FmaDot<bf16>>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
 #else
     run<bf16, void>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
@@ -452,17 +407,17 @@ at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a, cons
   return y;
 }
 
-const char* isa() {
-#if defined(LORA_AVX512) && defined(__AVX512BF16__)
+}  // namespace
+
+const char* loraserve::lora_isa() {
+#if defined(LORASERVE_AVX512) && defined(__AVX512BF16__)
   return "avx512_bf16";
-#elif defined(LORA_AVX512)
+#elif defined(LORASERVE_AVX512)
   return "avx512";
 #else
   return "scalar";
 #endif
 }
-
-}  // namespace
 
 // A dispatcher op, torch.ops.loraserve.add_lora_: the profiler sees it, and the dispatcher releases the GIL while it
 // runs (the server's event loop thread keeps going during a step).
@@ -472,4 +427,3 @@ TORCH_LIBRARY(loraserve, m) {
 }
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) { m.impl("add_lora_", &add_lora); }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("isa", &isa, "which kernels were compiled in"); }

@@ -1,0 +1,65 @@
+// Helpers the CPU kernels share: bf16 <-> fp32 conversions with torch's rounding, scalar and AVX-512.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LORASERVE_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace loraserve {
+
+// Which kernels each op was compiled with: what `torch.ops.loraserve` runs on this CPU.
+const char* lora_isa();
+const char* int8_isa();
+
+using bf16 = uint16_t;
+
+inline float to_f(float v) { return v; }
+inline float to_f(bf16 v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void from_f(float* p, float v) { *p = v; }
+inline void from_f(bf16* p, float v) {  // round to nearest even, NaN kept quiet (as torch rounds)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    *p = bf16((u >> 16) | 0x40u);
+    return;
+  }
+  *p = bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#ifdef LORASERVE_AVX512
+
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
+inline __mmask32 mask32(int64_t n) { return n >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << n) - 1u); }
+
+inline __m512 load_f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_f(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 cvt_bf(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 load_f(const bf16* p) { return cvt_bf(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load_f(const bf16* p, __mmask16 m) { return cvt_bf(_mm256_maskz_loadu_epi16(m, p)); }
+
+inline void store_f(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store_f(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline __m256i round_bf(__m512 v) {  // round to nearest even, NaN kept quiet: the same bits as from_f
+  __m512i u = _mm512_castps_si512(v);
+  __m512i hi = _mm512_srli_epi32(u, 16);
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store_f(bf16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf(v)); }
+inline void store_f(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, round_bf(v)); }
+
+#endif  // LORASERVE_AVX512
+
+}  // namespace loraserve
