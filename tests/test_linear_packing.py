@@ -1,4 +1,9 @@
-"""oneDNN-packed bf16 weights give bit-identical logits and tokens to plain `F.linear`, and release plain copies."""
+"""oneDNN-packed bf16 weights give the tokens and logits of plain `F.linear`, and release plain copies.
+
+Bit-identical on CPUs with native bf16 (AVX512_BF16 or AMX), where both run the same oneDNN kernel. Without it the
+packed and plain paths emulate bf16 products differently and sum in another order: on an Ice Lake-class Xeon
+(AVX-512 without bf16) logprobs moved by up to 0.015 on this tiny model, tokens stayed equal.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,10 @@ from loraserve.config import EngineConfig
 from loraserve.engine.llm import LLM
 from loraserve.layers.linear import Linear, cpu_packing_applies
 from loraserve.sampling.params import SamplingParams
+
+NATIVE_BF16 = any(flag in Path("/proc/cpuinfo").read_text().split() for flag in ("avx512_bf16", "amx_bf16")) \
+    if Path("/proc/cpuinfo").exists() else False
+EMULATED_BF16_LOGPROB_TOLERANCE = 0.05
 
 pytestmark = pytest.mark.skipif(
     not cpu_packing_applies(torch.bfloat16, torch.device("cpu")), reason="this CPU's oneDNN has no bf16 support"
@@ -38,4 +47,8 @@ def test_packed_generation_is_identical(architecture: str, tmp_path: Path, monke
     assert plain.engine.core.runner.model.lm_head.packed_weight is None
     for a, b in zip(packed.generate(prompts, params), plain.generate(prompts, params)):
         assert a.token_ids == b.token_ids
-        assert [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]
+        if NATIVE_BF16:
+            assert [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]
+        else:
+            assert [t.logprob for t in a.tokens] == pytest.approx([t.logprob for t in b.tokens],
+                                                                   abs=EMULATED_BF16_LOGPROB_TOLERANCE)
