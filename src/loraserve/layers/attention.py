@@ -94,9 +94,7 @@ class Attention(nn.Module):
         batch, heads, _, dim = query.shape
         rows = query.reshape(batch, self.num_kv_heads, heads // self.num_kv_heads, dim).float()
         scores = torch.matmul(rows, keys.float().transpose(-1, -2)) * self.scale  # [B, kv_heads, group, max_kv]
-        if self.logit_softcap is not None:
-            scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = self._capped(scores).masked_fill(~mask, float("-inf"))
         attended = torch.matmul(torch.softmax(scores, dim=-1), values.float())
         return attended.to(query.dtype).reshape(batch, heads, 1, dim)
 
@@ -107,8 +105,12 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         keys = keys.repeat_interleave(groups, dim=1)
         values = values.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(query, keys.transpose(-1, -2)) * self.scale
-        scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        scores = self._capped(torch.matmul(query, keys.transpose(-1, -2)) * self.scale)
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(values.dtype)
         return torch.matmul(probs, values)
+
+    def _capped(self, scores: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's tanh cap on attention logits, where the layer has one."""
+        if self.logit_softcap is None:
+            return scores
+        return torch.tanh(scores / self.logit_softcap) * self.logit_softcap

@@ -15,13 +15,16 @@ class RMSNorm(nn.Module):
         # Gemma stores w with the 1 removed (`offset=1.0`); Llama stores it whole (`offset=0.0`).
         self.offset = offset
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim), requires_grad=False)
-        self._scale: tuple[int, torch.Tensor] | None = None  # (weight version, offset + weight in fp32)
+        # ((storage, version) of the weight it was made from, offset + weight in fp32)
+        self._scale: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def _fp32_scale(self) -> torch.Tensor:
-        """`offset + weight` in fp32, made once per value of the weight rather than twice per call."""
-        version = self.weight._version
-        if self._scale is None or self._scale[0] != version or self._scale[1].device != self.weight.device:
-            self._scale = (version, self.offset + self.weight.detach().float())
+        """`offset + weight` in fp32, made once per value of the weight rather than twice per call. Keyed by the
+        weight's storage and version: loading in place bumps the version, `.to()` or a new parameter moves the
+        storage."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._scale is None or self._scale[0] != key:
+            self._scale = (key, self.offset + self.weight.detach().float())
         return self._scale[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
