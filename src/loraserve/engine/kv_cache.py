@@ -12,7 +12,7 @@ from loraserve.layers.attention import Attention
 
 def kv_bytes_per_token(layers: list[Attention], dtype: torch.dtype) -> int:
     """Bytes of K and V one token occupies across all layers."""
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     return sum(2 * layer.num_kv_heads * layer.head_dim * element for layer in layers)
 
 
@@ -35,5 +35,5 @@ def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     count = math.prod(shape)
-    pages = mmap.mmap(-1, max(1, count * torch.empty((), dtype=dtype).element_size()))
+    pages = mmap.mmap(-1, max(1, count * dtype.itemsize))
     return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # the tensor keeps `pages` alive

@@ -72,13 +72,17 @@ class Int8BlockedWeight:
     from dequantized chunks.
     """
 
-    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor, compensation: torch.Tensor,
-                 shape: tuple[int, int], int8_activations: bool) -> None:
+    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor, compensation: torch.Tensor | None,
+                 shape: tuple[int, int]) -> None:
         self.blocks = blocks  # `[N/16, K4, 16, 4]` int8, N and K zero-padded
         self.scales = scales  # `[N/16 * 16]` float32: the bf16 scales of `Int8Weight`, widened for the kernel
-        self.compensation = compensation  # `[N/16 * 16]` int32: 128 * each channel's code sum (unsigned activations)
+        # w8a8 only: `[N/16 * 16]` int32, 128 * each channel's code sum (the op's activations are unsigned)
+        self.compensation = compensation
         self.out_features, self.in_features = shape
-        self.int8_activations = int8_activations
+
+    @property
+    def int8_activations(self) -> bool:
+        return self.compensation is not None
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, int8_activations: bool) -> Int8BlockedWeight:
@@ -92,12 +96,13 @@ class Int8BlockedWeight:
         padded = F.pad(codes, (0, -k % 4, 0, -n % 16))
         groups, k4 = padded.shape[0] // 16, padded.shape[1] // 4
         blocks = padded.view(groups, 16, k4, 4).transpose(1, 2).contiguous()
-        compensation = padded.sum(dim=1, dtype=torch.int32) * 128
-        return cls(blocks, F.pad(scales.float(), (0, -n % 16)), compensation, (n, k), int8_activations)
+        compensation = padded.sum(dim=1, dtype=torch.int32) * 128 if int8_activations else None
+        return cls(blocks, F.pad(scales.float(), (0, -n % 16)), compensation, (n, k))
 
     @property
     def nbytes(self) -> int:
-        return self.blocks.nbytes + self.scales.nbytes + self.compensation.nbytes
+        extra = self.compensation.nbytes if self.compensation is not None else 0
+        return self.blocks.nbytes + self.scales.nbytes + extra
 
     def _codes(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """The int8 codes of output channels `rows` (indices, or a slice of whole 16-channel groups), `[len, K]`."""
@@ -122,7 +127,7 @@ class Int8BlockedWeight:
         if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.bfloat16) and \
                 int8_op_runs(self.int8_activations):
             flat = flat.contiguous()
-            if self.int8_activations:
+            if self.compensation is not None:
                 y = torch.ops.loraserve.int8_linear(flat, self.blocks, self.scales, self.compensation)
             else:
                 y = torch.ops.loraserve.int8_weight_linear(flat, self.blocks, self.scales)
