@@ -21,6 +21,9 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(seed)
+        # The sampled rows' fp32 logits, reused across steps: a fresh `[rows, vocab]` tensor every step is a fresh
+        # mmap past glibc's threshold, and the page faults of touching it cost more than the copy into it.
+        self._logits_buffer: torch.Tensor | None = None
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
@@ -34,7 +37,8 @@ class ModelRunner:
         sampling = [i for i, chunk in enumerate(step.chunks) if chunk.completes_sequence]
         if sampling:
             row_slots = [step.chunks[i].request.adapter_slot for i in sampling]
-            logits = self._logits(hidden[inputs.last_token_index[sampling]], row_slots)
+            logits = self._logits(hidden[inputs.last_token_index[sampling]], row_slots,
+                                  self._sampling_buffer(len(sampling)))
             rows = [self._sampling_row(step.chunks[i]) for i in sampling]
             allowed = fill_bitmask([step.chunks[i].request.grammar for i in sampling])
             result = self.sampler.sample(logits, rows, allowed)
@@ -49,13 +53,21 @@ class ModelRunner:
                 output.prompt_logprobs[chunk.request.request_id] = entries
         return output
 
-    def _logits(self, hidden: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, row_slots: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of `hidden`'s rows in a context of their own: an lm_head LoRA reads the adapter slot of each row it
         projects (one per sampled sequence), not of each token of the step."""
         lora = LoRABatch.build(row_slots, self.device)
         context = ForwardContext(slot_mapping=torch.empty(0, dtype=torch.int64), attention_groups=[], lora=lora)
         with forward_context(context):
-            return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden, out)
+
+    def _sampling_buffer(self, rows: int) -> torch.Tensor:
+        """`[rows, vocab]` fp32 for this step's sampled logits, grown to the most rows a step has sampled. Steps run
+        one at a time and nothing keeps a step's logits, so one buffer serves them all."""
+        if self._logits_buffer is None or self._logits_buffer.shape[0] < rows:
+            vocab = self.model.config.vocab_size
+            self._logits_buffer = torch.empty(rows, vocab, dtype=torch.float32, device=self.device)
+        return self._logits_buffer[:rows]
 
     @staticmethod
     def _sequence_chunk(chunk: ScheduledChunk) -> SequenceChunk:

@@ -25,8 +25,9 @@ class CausalLM(Protocol):
         """input_ids and positions `[T]` int64 -> final hidden states `[T, hidden]` (after the last norm)."""
         ...
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden `[N, hidden]` -> logits `[N, vocab]` float32 (softcapping applied where the family has it)."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden `[N, hidden]` -> logits `[N, vocab]` float32 (softcapping applied where the family has it), written
+        into `out` where given."""
         ...
 
     def attention_layers(self) -> list[Attention]:

@@ -134,8 +134,8 @@ class GemmaForCausalLM(CheckpointModel):
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
         self.tie_embeddings()
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
-        if self.final_softcap is not None:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        logits = super().compute_logits(hidden, out)
+        if self.final_softcap is not None:  # in place, in the reference's order: divide, tanh, multiply
+            logits.div_(self.final_softcap).tanh_().mul_(self.final_softcap)
         return logits
