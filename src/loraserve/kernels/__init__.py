@@ -16,18 +16,21 @@ import os
 import sys
 import threading
 from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("module.cpp", "lora_cpu.cpp", "int8_cpu.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("module.cpp", "lora_cpu.cpp", "int8_cpu.cpp", "norm_cpu.cpp", "gemv_cpu.cpp")]
 
 # None: not tried yet; False: unavailable (reason in _why_not); else the compiled module
 _module: ModuleType | bool | None = None
 _why_not: str | None = None
 _lock = threading.Lock()
+_ops: dict[str, Callable | None] = {}
 
 
 def _cache_root() -> Path:
@@ -98,6 +101,23 @@ def extension() -> ModuleType | None:
                     logger.warning("compiled CPU ops unavailable, using torch forms: %s", _why_not.splitlines()[0])
                     _module = False
     return _module if isinstance(_module, ModuleType) else None
+
+
+def compiled_op(name: str) -> Callable | None:
+    """`torch.ops.loraserve.<name>` once the extension has loaded, or None where it cannot be built: each caller
+    then runs its torch form."""
+    op = _ops.get(name)
+    if op is None and name not in _ops:
+        op = getattr(torch.ops.loraserve, name).default if extension() is not None else None
+        _ops[name] = op
+    return op
+
+
+def onednn_uses_amx() -> bool:
+    """Whether oneDNN's bf16 GEMMs run on AMX here (the CPU has it and ONEDNN_MAX_CPU_ISA does not rule it out):
+    where they do, they win at fewer rows against the compiled kernels."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return "amx_bf16" in _cpu_flags() and (limit == "ALL" or "AMX" in limit)
 
 
 def why_unavailable() -> str:

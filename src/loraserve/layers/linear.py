@@ -14,8 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve import kernels
+from loraserve.layers.context import get_forward_context
 from loraserve.layers.embedding import VocabEmbedding
 from loraserve.quant import QuantizedWeight, quantize
+
+# The most rows the compiled GEMV takes: at more, oneDNN's bf16 GEMM is as fast or faster (see RESULTS.md, the
+# lm_head GEMV); on AMX that comes at fewer rows.
+GEMV_MAX_ROWS = 2 if kernels.onednn_uses_amx() else 8
 
 
 class LoRADelta(Protocol):
@@ -80,6 +86,24 @@ class Linear(nn.Module):
         if self.lora is not None:
             y = self.lora.add_delta(x, y)
         return y
+
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`self(x)` as fp32 into `out` (contiguous `[rows, out_features]`); returns `out`.
+
+        A few bf16 rows against a plain weight (the table an lm_head shares with the embedding) take the compiled
+        GEMV: it streams the weight once, where oneDNN is slow at so few rows, and writes fp32 with no copy.
+        """
+        op = kernels.compiled_op("bf16_linear_fp32_")
+        if op is not None and self._gemv_applies(x):
+            return op(out, x.contiguous(), self.weight)
+        return out.copy_(self(x))
+
+    def _gemv_applies(self, x: torch.Tensor) -> bool:
+        """The GEMV computes `x W^T` alone: no bias, no quantized weight, no adapter delta on any of these rows."""
+        weight = self.weight
+        return (weight is not None and self.bias is None and self.quantized is None and x.device.type == "cpu"
+                and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous() and x.dim() == 2
+                and x.shape[0] <= GEMV_MAX_ROWS and (self.lora is None or get_forward_context().lora is None))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

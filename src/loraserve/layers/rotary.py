@@ -1,7 +1,9 @@
 """Rotary position embeddings, with every scaling scheme transformers knows (linear, dynamic, yarn, longrope, llama3).
 
 The inverse frequencies come from transformers' own `ROPE_INIT_FUNCTIONS`, so a checkpoint's `rope_parameters`
-mean exactly what they mean to the reference implementation; only the application to a flat batch is ours.
+mean exactly what they mean to the reference implementation; only the application to a flat batch is ours. On the
+CPU that is one compiled op (`torch.ops.loraserve.rotary`, `kernels/csrc/norm_cpu.cpp`), bit for bit the torch form,
+which runs elsewhere or where the extension cannot be built.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from loraserve import kernels
+
+_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> dict:
@@ -44,7 +50,17 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[T, heads, head_dim]` in the rotate-half layout of HF checkpoints; dims past rotary_dim pass through."""
+    """Rotate `x` `[T, heads, head_dim]` in the rotate-half layout of HF checkpoints; dims past rotary_dim pass through.
+    Returns a new tensor; `x` is left as it is."""
+    op = kernels.compiled_op("rotary")
+    if (op is not None and x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 3 and x.stride(-1) == 1
+            and cos.dtype == x.dtype and sin.dtype == x.dtype and cos.is_contiguous() and sin.is_contiguous()):
+        return op(x, cos, sin)
+    return reference_apply_rotary(x, cos, sin)
+
+
+def reference_apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The torch form (any device): the definition the compiled op matches."""
     rotary_dim = cos.shape[-1]
     rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2

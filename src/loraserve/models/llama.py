@@ -174,8 +174,7 @@ class CheckpointModel(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        return logits.float() if out is None else out.copy_(logits)
+        return self.lm_head(hidden).float() if out is None else self.lm_head.forward_into(hidden, out)
 
     def attention_layers(self) -> list[Attention]:
         return [module for module in self.modules() if isinstance(module, Attention)]

@@ -1,0 +1,106 @@
+"""loraserve's bf16 GEMV (`kernels/csrc/gemv_cpu.cpp`, behind `Linear.forward_into`) against a bf16 linear layer.
+
+The op sums in fp32 in its own order and rounds each result to bf16 once, as a bf16 matmul does, so its values equal
+the exactly rounded product except where the fp32 sums straddle a bf16 rounding boundary: there they are one bf16
+step apart. The tolerance is that step plus the fp32 error bound of a K-term sum, K * 2^-23 * sum |x w|.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraserve import kernels
+from loraserve.layers.context import ForwardContext, forward_context
+from loraserve.layers.linear import GEMV_MAX_ROWS, Linear
+from loraserve.layers.lora import OutputLoRA
+from loraserve.layers.lora_ops import LoRABatch
+
+pytestmark = pytest.mark.skipif(kernels.extension() is None, reason="compiled CPU ops unavailable here")
+
+SHAPES = [(37, 45), (1000, 33), (17, 64), (129, 1), (300, 640), (2049, 100)]  # N, K: not multiples of 16 / 32 too
+
+
+def case(n: int, k: int, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=generator).bfloat16()
+    x = (torch.randn(rows, k, generator=generator) * torch.logspace(-2, 1, rows)[:, None]).bfloat16()
+    return x, w
+
+
+def assert_close_to_bf16_product(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    expected = (x.float() @ w.float().T).bfloat16().float()
+    magnitude = x.double().abs() @ w.double().abs().T
+    bound = expected.abs() * 2.0**-7 + 2 * x.shape[1] * 2.0**-23 * magnitude.float() + 1e-30
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert ((got - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", range(1, 10))
+def test_op_matches_a_bf16_product(shape: tuple[int, int], rows: int) -> None:
+    x, w = case(*shape, rows)
+    out = torch.full((rows, shape[0]), float("nan"))
+    assert torch.ops.loraserve.bf16_linear_fp32_(out, x, w) is out
+    assert_close_to_bf16_product(out, x, w)
+
+
+def test_op_results_are_bf16_values_and_rows_are_independent() -> None:
+    x, w = case(500, 96, 9)
+    x[3] = 0
+    out = torch.empty(9, 500)
+    torch.ops.loraserve.bf16_linear_fp32_(out, x, w)
+    assert torch.equal(out.bfloat16().float(), out) and torch.equal(out[3], torch.zeros(500))
+    single = torch.empty(1, 500)
+    torch.ops.loraserve.bf16_linear_fp32_(single, x[5:6].contiguous(), w)
+    assert torch.equal(single[0], out[5])
+
+
+def test_op_rejects_mismatched_buffers() -> None:
+    x, w = case(64, 32, 2)
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.loraserve.bf16_linear_fp32_(torch.empty(2, 63), x, w)
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.loraserve.bf16_linear_fp32_(torch.empty(2, 64), x.float(), w)
+
+
+def lm_head(n: int, k: int, packed: bool) -> Linear:
+    _, w = case(n, k, 1, seed=1)
+    linear = Linear(k, n)
+    linear.weight = torch.nn.Parameter(w, requires_grad=False)
+    if packed:
+        linear.pack_for_cpu(release_plain=False)  # the plain table stays, as when an embedding shares it
+    return linear
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+@pytest.mark.parametrize("rows", [1, 3, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1])
+def test_linear_forward_into_matches_its_forward(packed: bool, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    linear = lm_head(3001, 640, packed)
+    x, _ = case(3001, 640, rows, seed=2)
+    calls = []
+    op = kernels.compiled_op("bf16_linear_fp32_")
+    monkeypatch.setitem(kernels._ops, "bf16_linear_fp32_", lambda *a: calls.append(1) or op(*a))
+    out = torch.full((rows, 3001), float("nan"))
+    assert linear.forward_into(x, out) is out
+    assert calls == ([1] if rows <= GEMV_MAX_ROWS else [])
+    assert_close_to_bf16_product(out, x, linear.weight)
+    assert_close_to_bf16_product(linear(x).float(), x, linear.weight)
+
+
+def test_linear_forward_into_keeps_an_adapters_delta() -> None:
+    linear = lm_head(300, 64, packed=True)
+    lora = OutputLoRA()
+    generator = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 64, generator=generator).bfloat16(), torch.randn(300, 4, generator=generator).bfloat16()
+    lora.place(0, a, b)
+    linear.lora = lora
+    x, _ = case(300, 64, 2, seed=4)
+    context = ForwardContext(slot_mapping=torch.empty(0, dtype=torch.int64), attention_groups=[],
+                             lora=LoRABatch.build([0, -1], torch.device("cpu")))
+    with forward_context(context):
+        out = linear.forward_into(x, torch.empty(2, 300))
+        assert torch.equal(out, linear(x).float())
+    base = ForwardContext(slot_mapping=torch.empty(0, dtype=torch.int64), attention_groups=[])
+    with forward_context(base):  # no row carries an adapter: the GEMV serves
+        assert_close_to_bf16_product(linear.forward_into(x, torch.empty(2, 300)), x, linear.weight)
