@@ -1,4 +1,5 @@
-"""loraserve's bf16 GEMV (`kernels/csrc/gemv_cpu.cpp`, behind `Linear.forward_into`) against a bf16 linear layer.
+"""loraserve's bf16 GEMV (`kernels/csrc/gemv_cpu.cpp`, behind `Linear.forward_into` and a packed `Linear`'s one-row
+forward) against a bf16 linear layer.
 
 The op sums in fp32 in its own order and rounds each result to bf16 once, as a bf16 matmul does, so its values equal
 the exactly rounded product except where the fp32 sums straddle a bf16 rounding boundary: there they are one bf16
@@ -12,7 +13,7 @@ import torch
 
 from loraserve import kernels
 from loraserve.layers.context import ForwardContext, forward_context
-from loraserve.layers.linear import GEMV_MAX_ROWS, Linear
+from loraserve.layers.linear import GEMV_MAX_ROWS, PROJECTION_GEMV_MAX_ROWS, Linear, pack_linear_weights
 from loraserve.layers.lora import OutputLoRA
 from loraserve.layers.lora_ops import LoRABatch
 
@@ -43,6 +44,34 @@ def test_op_matches_a_bf16_product(shape: tuple[int, int], rows: int) -> None:
     out = torch.full((rows, shape[0]), float("nan"))
     assert torch.ops.loraserve.bf16_linear_fp32_(out, x, w) is out
     assert_close_to_bf16_product(out, x, w)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 9])
+def test_bf16_output_form_holds_the_same_values(shape: tuple[int, int], rows: int) -> None:
+    x, w = case(*shape, rows)
+    got = torch.ops.loraserve.bf16_linear(x, w)
+    out = torch.empty(rows, shape[0])
+    torch.ops.loraserve.bf16_linear_fp32_(out, x, w)
+    assert got.dtype == torch.bfloat16 and torch.equal(got.float(), out)
+
+
+@pytest.mark.parametrize("rows", [1, PROJECTION_GEMV_MAX_ROWS, PROJECTION_GEMV_MAX_ROWS + 1, 32])
+def test_packed_projection_streams_its_plain_copy_at_few_rows(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torch.nn.Sequential(Linear(640, 300))
+    _, w = case(300, 640, 1, seed=4)
+    model[0].weight = torch.nn.Parameter(w, requires_grad=False)
+    pack_linear_weights(model)
+    linear = model[0]
+    assert linear.packed_weight is not None and linear.weight is not None  # both layouts kept
+    calls = []
+    op = kernels.compiled_op("bf16_linear")
+    monkeypatch.setitem(kernels._ops, "bf16_linear", lambda *a: calls.append(1) or op(*a))
+    x, _ = case(300, 640, rows, seed=5)
+    got = linear(x)
+    assert calls == ([1] if rows <= PROJECTION_GEMV_MAX_ROWS else [])
+    assert got.dtype == torch.bfloat16
+    assert_close_to_bf16_product(got.float(), x, w)
 
 
 def test_op_results_are_bf16_values_and_rows_are_independent() -> None:

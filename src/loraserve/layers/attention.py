@@ -5,7 +5,9 @@ the new tokens' K and V at their slots, then, for each attention group of the st
 sees through its block table and runs one padded attention call. The gather costs a copy of the visible cache; on the
 CPU this is cheaper than a Python loop over sequences, and a fused paged kernel can replace it on CUDA.
 
-Decode groups (one query per sequence) on the CPU skip SDPA for two plain matmuls with the query heads of each KV
+Decode groups (one query per sequence) on the CPU run the compiled `decode_attention_` op, which reads each visible K
+and V row where it lies in the cache (no gathered copies) and is faster than both torch forms below at every context
+measured. Where the extension is unavailable they skip SDPA for two plain matmuls with the query heads of each KV
 head as the rows of one product, in fp32: torch's CPU flash kernel tiles for long queries and spends most of a
 one-query call on that (benchmarks/RESULTS.md, decode attention, has the measurements). Longer contexts keep SDPA.
 """
@@ -16,10 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve import kernels
 from loraserve.layers.context import AttentionGroup, get_forward_context
 
 # Decode attention by matmuls up to this many keys per sequence (measured faster up to here), SDPA beyond.
 DECODE_MATMUL_MAX_KEYS = 512
+# Cache dtypes the compiled decode op reads.
+_OP_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class Attention(nn.Module):
@@ -72,6 +77,8 @@ class Attention(nn.Module):
         v_flat: torch.Tensor,
         out: torch.Tensor,
     ) -> None:
+        if group.query_index.shape[1] == 1 and self._decode_in_place(group, q, k_flat, v_flat, out):
+            return
         query = q[group.query_index].transpose(1, 2)  # [B, H, max_q, D]
         keys = k_flat[group.kv_slots].transpose(1, 2)  # [B, Hkv, max_kv, D]
         values = v_flat[group.kv_slots].transpose(1, 2)
@@ -86,6 +93,20 @@ class Attention(nn.Module):
             attended = self._softcapped(query, keys, values, mask)
         valid = group.query_valid
         out[group.query_index[valid]] = attended.transpose(1, 2)[valid]
+
+    def _decode_in_place(
+        self, group: AttentionGroup, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, out: torch.Tensor
+    ) -> bool:
+        """A decode group by the compiled op, which reads K and V where they lie in the cache rather than gathering
+        copies of them; False where it does not apply (not the CPU, another dtype, no extension)."""
+        if q.device.type != "cpu" or q.dtype not in _OP_DTYPES or k_flat.dtype != q.dtype:
+            return False
+        op = kernels.compiled_op("decode_attention_")
+        if op is None:
+            return False
+        op(out, q, k_flat, v_flat, group.query_index[:, 0], group.kv_slots, group.kv_lens, group.query_positions[:, 0],
+           self.scale, self.logit_softcap or 0.0, self.sliding_window or 0)
+        return True
 
     def _decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
                 ) -> torch.Tensor:

@@ -22,6 +22,8 @@ from loraserve.quant import QuantizedWeight, quantize
 # The most rows the compiled GEMV takes: at more, oneDNN's bf16 GEMM is as fast or faster (see RESULTS.md, the
 # lm_head GEMV); on AMX that comes at fewer rows.
 GEMV_MAX_ROWS = 2 if kernels.onednn_uses_amx() else 8
+# The same for a decoder projection, whose weights are small enough that oneDNN's fixed costs matter less.
+PROJECTION_GEMV_MAX_ROWS = 1 if kernels.onednn_uses_amx() else 2
 
 
 class LoRADelta(Protocol):
@@ -80,7 +82,11 @@ class Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         elif self.packed_weight is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+            gemv = kernels.compiled_op("bf16_linear") if x.shape[0] <= PROJECTION_GEMV_MAX_ROWS else None
+            if gemv is not None and self.weight is not None and self.bias is None and x.dim() == 2:
+                y = gemv(x.contiguous(), self.weight)
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         else:
             y = F.linear(x, self.weight, self.bias)
         if self.lora is not None:
@@ -120,11 +126,17 @@ def _shared_parameters(model: nn.Module) -> set[int]:
 
 
 def pack_linear_weights(model: nn.Module) -> int:
-    """Pack every float `Linear` of `model` for the CPU; returns how many were packed."""
+    """Pack every float `Linear` of `model` for the CPU; returns how many were packed.
+
+    Where the compiled GEMV is built, each layer keeps its plain copy too: one decode row streams the plain weight
+    through the GEMV faster than oneDNN reads its packed one, and batches keep the packed layout. Memory for speed:
+    the decoder's weights are held twice (RESULTS.md, one stream, has both figures).
+    """
     shared = _shared_parameters(model)
+    keep_plain = kernels.compiled_op("bf16_linear") is not None
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.quantized is None]
     for linear in linears:
-        linear.pack_for_cpu(release_plain=id(linear.weight) not in shared)
+        linear.pack_for_cpu(release_plain=id(linear.weight) not in shared and not keep_plain)
     return len(linears)
 
 

@@ -60,6 +60,20 @@ inline __m256i round_bf(__m512 v) {  // round to nearest even, NaN kept quiet: t
 inline void store_f(bf16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf(v)); }
 inline void store_f(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, round_bf(v)); }
 
+// Lane i of the result is the sum of the 16 lanes of a[i].
+inline __m512 reduce16(const __m512 (&a)[16]) {
+  __m512 r[8], s[4], t[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: a[i], 8-15: a[i + 8], 8 partial sums each
+    r[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xee));
+  for (int i = 0; i < 4; ++i)  // 128-bit lanes: a[i], a[i + 8], a[i + 4], a[i + 12], 4 partial sums each
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r[i], r[i + 4], 0x88), _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd));
+  for (int i = 0; i < 2; ++i)  // in each 128-bit lane, 2 partial sums of a row from s[2i] and of one from s[2i + 1]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * i], s[2 * i + 1]), _mm512_unpackhi_ps(s[2 * i], s[2 * i + 1]));
+  const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[0]), _mm512_castps_pd(t[1]))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[0]), _mm512_castps_pd(t[1]))));
+  return _mm512_shuffle_f32x4(u, u, 0xd8);  // 128-bit lanes back in row order
+}
+
 #endif  // LORASERVE_AVX512
 
 }  // namespace loraserve

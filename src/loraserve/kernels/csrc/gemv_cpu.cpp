@@ -1,7 +1,7 @@
 // bf16 matrix-vector products for the CPU, a few activation rows against a plain row-major weight (the tied embedding
-// table that doubles as an lm_head): out[m][n] = round_bf16(sum_k x[m][k] * w[n][k]) stored as fp32, accumulated in
-// fp32. The values are those of a bf16 linear layer followed by `.float()`, up to the order of the fp32 sums, written
-// straight into the caller's fp32 buffer.
+// table that doubles as an lm_head, or a decoder projection's plain copy): out[m][n] = round_bf16(sum_k x[m][k] *
+// w[n][k]), accumulated in fp32. The values are those of a bf16 linear layer, up to the order of the fp32 sums: as fp32
+// straight into the caller's buffer (`bf16_linear_fp32_`, logits) or as a new bf16 tensor (`bf16_linear`).
 //
 // A decode step's lm_head is bound by memory: every weight byte meets each activation row once. So w is streamed once
 // per call, in address order: threads take contiguous chunks of W rows, and a tile of NB consecutive W rows meets
@@ -14,6 +14,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -57,25 +58,11 @@ struct FmaDot {  // w widened in registers, x widened to fp32 once per call
   static __m512 dot(__m512 acc, V w, V x) { return _mm512_fmadd_ps(w, x, acc); }
 };
 
-// Lane i of the result is the sum of the 16 lanes of a[i].
-inline __m512 reduce16(const __m512 (&a)[16]) {
-  __m512 r[8], s[4], t[2];
-  for (int i = 0; i < 8; ++i)  // lanes 0-7: a[i], 8-15: a[i + 8], 8 partial sums each
-    r[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xee));
-  for (int i = 0; i < 4; ++i)  // 128-bit lanes: a[i], a[i + 8], a[i + 4], a[i + 12], 4 partial sums each
-    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r[i], r[i + 4], 0x88), _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd));
-  for (int i = 0; i < 2; ++i)  // in each 128-bit lane, 2 partial sums of a row from s[2i] and of one from s[2i + 1]
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * i], s[2 * i + 1]), _mm512_unpackhi_ps(s[2 * i], s[2 * i + 1]));
-  const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[0]), _mm512_castps_pd(t[1]))),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[0]), _mm512_castps_pd(t[1]))));
-  return _mm512_shuffle_f32x4(u, u, 0xd8);  // 128-bit lanes back in row order
-}
-
 // MT rows of x (row stride k) against NB rows of w (row stride k) into out (row stride ldo). W rows are taken one
 // after another, so w is read in address order; x stays in L1. The hardware prefetcher alone falls behind on this
 // stream, so each load asks for the line PREFETCH bytes ahead.
-template <typename D, int MT, int NB>
-void tile(const typename D::X* x, const bf16* w, int64_t k, float* out, int64_t ldo) {
+template <typename D, int MT, int NB, typename O>
+void tile(const typename D::X* x, const bf16* w, int64_t k, O* out, int64_t ldo) {
   static_assert(MT * NB <= 16, "one accumulator per (x row, w row) pair, 16 at most");
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
@@ -99,16 +86,16 @@ void tile(const typename D::X* x, const bf16* w, int64_t k, float* out, int64_t 
 }
 
 // MT rows of x against W rows [lo, hi): tiles of as many W rows as the accumulators allow, then one at a time.
-template <typename D, int MT>
-void rows(const typename D::X* x, const bf16* w, int64_t k, int64_t lo, int64_t hi, float* out, int64_t ldo) {
+template <typename D, int MT, typename O>
+void rows(const typename D::X* x, const bf16* w, int64_t k, int64_t lo, int64_t hi, O* out, int64_t ldo) {
   constexpr int NB = 16 / MT;
   int64_t n = lo;
   for (; n + NB <= hi; n += NB) tile<D, MT, NB>(x, w + n * k, k, out + n, ldo);
   for (; n < hi; ++n) tile<D, MT, 1>(x, w + n * k, k, out + n, ldo);
 }
 
-template <typename D>
-void rows_any(const typename D::X* x, int64_t mt, const bf16* w, int64_t k, int64_t lo, int64_t hi, float* out,
+template <typename D, typename O>
+void rows_any(const typename D::X* x, int64_t mt, const bf16* w, int64_t k, int64_t lo, int64_t hi, O* out,
               int64_t ldo) {
   switch (mt) {
     case 8: return rows<D, 8>(x, w, k, lo, hi, out, ldo);
@@ -124,25 +111,25 @@ void rows_any(const typename D::X* x, int64_t mt, const bf16* w, int64_t k, int6
 
 #else
 
-template <typename D>
-void rows_any(const bf16* x, int64_t mt, const bf16* w, int64_t k, int64_t lo, int64_t hi, float* out, int64_t ldo) {
+template <typename D, typename O>
+void rows_any(const bf16* x, int64_t mt, const bf16* w, int64_t k, int64_t lo, int64_t hi, O* out, int64_t ldo) {
   for (int64_t m = 0; m < mt; ++m)
     for (int64_t n = lo; n < hi; ++n) {
       float acc = 0.f;
       for (int64_t j = 0; j < k; ++j) acc += to_f(x[m * k + j]) * to_f(w[n * k + j]);
       bf16 h;
       from_f(&h, acc);
-      out[m * ldo + n] = to_f(h);
+      from_f(out + m * ldo + n, to_f(h));
     }
 }
 
 #endif
 
 // Chunks of W rows across threads; in each chunk, every tile of x rows.
-template <typename D, typename X>
-void product(const X* x, int64_t m, const bf16* w, int64_t n, int64_t k, float* out) {
+template <typename D, typename X, typename O>
+void product(const X* x, int64_t m, const bf16* w, int64_t n, int64_t k, O* out) {
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 19) / (CHUNK * k * int64_t(sizeof(bf16))));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (CHUNK * k * int64_t(sizeof(bf16))));
   at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t lo = c * CHUNK, hi = std::min(n, lo + CHUNK);
@@ -152,19 +139,20 @@ void product(const X* x, int64_t m, const bf16* w, int64_t n, int64_t k, float* 
   });
 }
 
-at::Tensor& bf16_linear_fp32_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w) {
+void check_operands(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
-              "bf16_linear_fp32_: x must be a contiguous bf16 [M, K] matrix");
+              "bf16 linear: x must be a contiguous bf16 [M, K] matrix");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.size(1) == x.size(1),
-              "bf16_linear_fp32_: w must be a contiguous bf16 [N, ", x.size(1), "] matrix");
+              "bf16 linear: w must be a contiguous bf16 [N, ", x.size(1), "] matrix");
+}
+
+// out [M, N] (fp32 or bf16, contiguous) = x @ w.T, each value rounded to bf16 once.
+template <typename O>
+void run(const at::Tensor& x, const at::Tensor& w, O* op) {
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat && out.size(0) == m &&
-                  out.size(1) == n,
-              "bf16_linear_fp32_: out must be a contiguous fp32 [", m, ", ", n, "] matrix");
-  if (m == 0 || n == 0) return out;
+  if (m == 0 || n == 0) return;
   const bf16* xp = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
   const bf16* wp = reinterpret_cast<const bf16*>(w.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
 #if defined(LORASERVE_AVX512) && defined(__AVX512BF16__)
   product<Bf16Dot>(xp, m, wp, n, k, op);
 #elif defined(LORASERVE_AVX512)
@@ -174,6 +162,23 @@ at::Tensor& bf16_linear_fp32_(at::Tensor& out, const at::Tensor& x, const at::Te
 #else
   product<void>(xp, m, wp, n, k, op);
 #endif
+}
+
+// The lm_head's form: fp32 logits straight into the caller's buffer.
+at::Tensor& bf16_linear_fp32_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w) {
+  check_operands(x, w);
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat && out.size(0) == x.size(0) &&
+                  out.size(1) == w.size(0),
+              "bf16_linear_fp32_: out must be a contiguous fp32 [", x.size(0), ", ", w.size(0), "] matrix");
+  run(x, w, out.data_ptr<float>());
+  return out;
+}
+
+// A decoder projection's form: a new bf16 [M, N], as the linear layer it stands in for returns.
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
+  check_operands(x, w);
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  run(x, w, reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()));
   return out;
 }
 
@@ -181,5 +186,9 @@ at::Tensor& bf16_linear_fp32_(at::Tensor& out, const at::Tensor& x, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(loraserve, m) {
   m.def("bf16_linear_fp32_(Tensor(a!) out, Tensor x, Tensor w) -> Tensor(a!)");
+  m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(loraserve, CPU, m) { m.impl("bf16_linear_fp32_", &bf16_linear_fp32_); }
+TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
+  m.impl("bf16_linear_fp32_", &bf16_linear_fp32_);
+  m.impl("bf16_linear", &bf16_linear);
+}
