@@ -33,6 +33,9 @@ _why_not: str | None = None
 _lock = threading.Lock()
 _ops: dict[str, Callable | None] = {}
 
+# The element types every compiled op takes (each also checks its own arguments).
+OP_DTYPES = (torch.bfloat16, torch.float32)
+
 
 def _cache_root() -> Path:
     # the rule of loraserve.config.default_cache_dir, without importing config into the kernels

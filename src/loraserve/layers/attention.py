@@ -23,8 +23,6 @@ from loraserve.layers.context import AttentionGroup, get_forward_context
 
 # Decode attention by matmuls up to this many keys per sequence (measured faster up to here), SDPA beyond.
 DECODE_MATMUL_MAX_KEYS = 512
-# Cache dtypes the compiled decode op reads.
-_OP_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class Attention(nn.Module):
@@ -99,7 +97,7 @@ class Attention(nn.Module):
     ) -> bool:
         """A decode group by the compiled op, which reads K and V where they lie in the cache rather than gathering
         copies of them; False where it does not apply (not the CPU, another dtype, no extension)."""
-        if q.device.type != "cpu" or q.dtype not in _OP_DTYPES or k_flat.dtype != q.dtype:
+        if q.device.type != "cpu" or q.dtype not in kernels.OP_DTYPES or k_flat.dtype != q.dtype:
             return False
         op = kernels.compiled_op("decode_attention_")
         if op is None:

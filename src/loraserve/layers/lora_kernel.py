@@ -27,8 +27,6 @@ import torch
 
 from loraserve import kernels
 
-_DTYPES = (torch.bfloat16, torch.float32)
-
 # None: not tried yet; False: unavailable (reason in _why_not); else the op
 _op: Callable | None | bool = None
 _why_not: str | None = None
@@ -90,6 +88,6 @@ def add_lora_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     the CPU. Each token appears at most once in `rows`.
     """
     op = _op if _op is not None else _load()
-    if op is not False and y.device.type == "cpu" and x.dtype in _DTYPES:
+    if op is not False and y.device.type == "cpu" and x.dtype in kernels.OP_DTYPES:
         return op(y, x, a, b, rows, seg_starts, seg_offsets, seg_ranks)
     return reference_add_lora_(y, x, a, b, rows, seg_starts, seg_offsets, seg_ranks)

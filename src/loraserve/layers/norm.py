@@ -12,8 +12,6 @@ from torch import nn
 
 from loraserve import kernels
 
-_DTYPES = (torch.bfloat16, torch.float32)
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, then cast back, as the reference implementations do."""
@@ -38,9 +36,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = kernels.compiled_op("rms_norm")
-        if op is not None and x.device.type == "cpu" and x.dtype in _DTYPES and x.is_contiguous():
+        if op is not None and x.device.type == "cpu" and x.dtype in kernels.OP_DTYPES and x.is_contiguous():
             weight = self.weight  # the op adds the offset itself, in fp32: cheaper than looking up the cached scale
-            if weight.dtype == x.dtype or (self.offset and weight.dtype in _DTYPES):
+            if weight.dtype == x.dtype or (self.offset and weight.dtype in kernels.OP_DTYPES):
                 return op(x, weight, self.eps, self.offset)
         return self.reference(x)
 

@@ -15,8 +15,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from loraserve import kernels
 
-_DTYPES = (torch.bfloat16, torch.float32)
-
 
 def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> dict:
     """The rope parameter dict of `config`, for one layer type where the model keeps several (Gemma 3)."""
@@ -53,8 +51,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate `x` `[T, heads, head_dim]` in the rotate-half layout of HF checkpoints; dims past rotary_dim pass through.
     Returns a new tensor; `x` is left as it is."""
     op = kernels.compiled_op("rotary")
-    if (op is not None and x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 3 and x.stride(-1) == 1
-            and cos.dtype == x.dtype and sin.dtype == x.dtype and cos.is_contiguous() and sin.is_contiguous()):
+    if (op is not None and x.device.type == "cpu" and x.dtype in kernels.OP_DTYPES and x.dim() == 3
+            and x.stride(-1) == 1 and cos.dtype == x.dtype and sin.dtype == x.dtype
+            and cos.is_contiguous() and sin.is_contiguous()):
         return op(x, cos, sin)
     return reference_apply_rotary(x, cos, sin)
 

@@ -56,14 +56,10 @@ struct Rows {
 
 // How head_dim elements of q and k are loaded and multiplied into 16 fp32 lanes.
 #ifdef __AVX512BF16__
-struct Bf16Dot {  // vdpbf16ps on the bf16 operands as they are
+struct Bf16Dot : Bf16Pairs {  // vdpbf16ps on the bf16 operands as they are
+  static constexpr int STEP = Bf16Pairs::K;
   using Q = bf16;
-  using K = bf16;
-  using V = __m512i;
-  static constexpr int STEP = 32;
-  static V load(const bf16* p) { return _mm512_loadu_si512(p); }
-  static V load(const bf16* p, int64_t n) { return _mm512_maskz_loadu_epi16(mask32(n), p); }
-  static __m512 dot(__m512 acc, V k, V q) { return _mm512_dpbf16_ps(acc, (__m512bh)k, (__m512bh)q); }
+  using K = bf16;  // the key element type, in place of the base's element count (STEP above)
 };
 #endif
 
@@ -165,16 +161,8 @@ void scores(const typename D::Q* q, int64_t qs, int64_t rows, const Rows<typenam
   for (int64_t m0 = 0; m0 < rows; m0 += MAX_ROWS) {
     const typename D::Q* qm = q + m0 * qs;
     float* sm = s + m0 * ls;
-    switch (std::min(MAX_ROWS, rows - m0)) {
-      case 8: score_rows<D, 8>(qm, qs, k, lo, hi, dim, scale, sm, ls); break;
-      case 7: score_rows<D, 7>(qm, qs, k, lo, hi, dim, scale, sm, ls); break;
-      case 6: score_rows<D, 6>(qm, qs, k, lo, hi, dim, scale, sm, ls); break;
-      case 5: score_rows<D, 5>(qm, qs, k, lo, hi, dim, scale, sm, ls); break;
-      case 4: score_rows<D, 4>(qm, qs, k, lo, hi, dim, scale, sm, ls); break;
-      case 3: score_rows<D, 3>(qm, qs, k, lo, hi, dim, scale, sm, ls); break;
-      case 2: score_rows<D, 2>(qm, qs, k, lo, hi, dim, scale, sm, ls); break;
-      default: score_rows<D, 1>(qm, qs, k, lo, hi, dim, scale, sm, ls); break;
-    }
+    with_count<MAX_ROWS>(std::min(MAX_ROWS, rows - m0),
+                         [&]<int MT>() { score_rows<D, MT>(qm, qs, k, lo, hi, dim, scale, sm, ls); });
   }
 }
 
@@ -246,12 +234,8 @@ void weigh(const float* w, int64_t ls, int64_t rows, const Rows<T>& v, int64_t l
   for (int64_t m0 = 0; m0 < rows; m0 += VALUE_ROWS) {
     const float* wm = w + m0 * ls;
     T* om = out + m0 * os;
-    switch (std::min(VALUE_ROWS, rows - m0)) {
-      case 4: weigh_rows<T, 4>(wm, ls, v, lo, hi, dim, acc, ld, om, os); break;
-      case 3: weigh_rows<T, 3>(wm, ls, v, lo, hi, dim, acc, ld, om, os); break;
-      case 2: weigh_rows<T, 2>(wm, ls, v, lo, hi, dim, acc, ld, om, os); break;
-      default: weigh_rows<T, 1>(wm, ls, v, lo, hi, dim, acc, ld, om, os); break;
-    }
+    with_count<VALUE_ROWS>(std::min(VALUE_ROWS, rows - m0),
+                           [&]<int MT>() { weigh_rows<T, MT>(wm, ls, v, lo, hi, dim, acc, ld, om, os); });
   }
 }
 
@@ -307,15 +291,6 @@ void attend(const T* q, int64_t qs, int64_t rows, const Rows<T>& k, const Rows<T
 #endif  // LORASERVE_AVX512
 
 // ------------------------------------------------------------------------------------------- the op
-
-template <typename T>
-T* data(const at::Tensor& t) {
-  if constexpr (std::is_same_v<T, float>) {
-    return t.data_ptr<float>();
-  } else {
-    return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
-  }
-}
 
 template <typename T>
 void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -1,8 +1,13 @@
 // Helpers the CPU kernels share: bf16 <-> fp32 conversions with torch's rounding, scalar and AVX-512.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LORASERVE_AVX512 1
@@ -16,6 +21,29 @@ const char* lora_isa();
 const char* int8_isa();
 
 using bf16 = uint16_t;
+
+// A tensor's elements as the kernels' element type (fp32, or bf16 as raw bits).
+template <typename T>
+T* data(const at::Tensor& t) {
+  if constexpr (std::is_same_v<T, float>) {
+    return t.data_ptr<float>();
+  } else {
+    return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
+  }
+}
+
+// f.template operator()<N>() with N = n for n in [2, MAX] and N = 1 otherwise: the step from a runtime count of rows
+// to the compile-time tile size that register blocking needs, in one place for every kernel.
+template <int MAX, typename F>
+inline void with_count(int64_t n, F&& f) {
+  if constexpr (MAX <= 1) {
+    f.template operator()<1>();
+  } else if (n == MAX) {
+    f.template operator()<MAX>();
+  } else {
+    with_count<MAX - 1>(n, std::forward<F>(f));
+  }
+}
 
 inline float to_f(float v) { return v; }
 inline float to_f(bf16 v) {
@@ -59,6 +87,17 @@ inline __m256i round_bf(__m512 v) {  // round to nearest even, NaN kept quiet: t
 }
 inline void store_f(bf16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf(v)); }
 inline void store_f(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, round_bf(v)); }
+
+#ifdef __AVX512BF16__
+// vdpbf16ps: K bf16 pairs of two vectors multiplied and summed into 16 fp32 lanes (bf16 denormal inputs count as zero).
+struct Bf16Pairs {
+  using V = __m512i;
+  static constexpr int K = 32;
+  static V load(const bf16* p) { return _mm512_loadu_si512(p); }
+  static V load(const bf16* p, int64_t n) { return _mm512_maskz_loadu_epi16(mask32(n), p); }
+  static __m512 dot(__m512 acc, V a, V b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+};
+#endif
 
 // Lane i of the result is the sum of the 16 lanes of a[i].
 inline __m512 reduce16(const __m512 (&a)[16]) {

@@ -37,13 +37,8 @@ constexpr int64_t PREFETCH = 4096;  // bytes ahead in w
 
 // How K elements of w and x are loaded and multiplied into 16 fp32 lanes.
 #ifdef __AVX512BF16__
-struct Bf16Dot {  // vdpbf16ps on the bf16 operands as they are
+struct Bf16Dot : Bf16Pairs {  // vdpbf16ps on the bf16 operands as they are
   using X = bf16;
-  using V = __m512i;
-  static constexpr int K = 32;
-  static V load(const bf16* p) { return _mm512_loadu_si512(p); }
-  static V load(const bf16* p, int64_t n) { return _mm512_maskz_loadu_epi16(mask32(n), p); }
-  static __m512 dot(__m512 acc, V w, V x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
 };
 #endif
 
@@ -97,16 +92,7 @@ void rows(const typename D::X* x, const bf16* w, int64_t k, int64_t lo, int64_t 
 template <typename D, typename O>
 void rows_any(const typename D::X* x, int64_t mt, const bf16* w, int64_t k, int64_t lo, int64_t hi, O* out,
               int64_t ldo) {
-  switch (mt) {
-    case 8: return rows<D, 8>(x, w, k, lo, hi, out, ldo);
-    case 7: return rows<D, 7>(x, w, k, lo, hi, out, ldo);
-    case 6: return rows<D, 6>(x, w, k, lo, hi, out, ldo);
-    case 5: return rows<D, 5>(x, w, k, lo, hi, out, ldo);
-    case 4: return rows<D, 4>(x, w, k, lo, hi, out, ldo);
-    case 3: return rows<D, 3>(x, w, k, lo, hi, out, ldo);
-    case 2: return rows<D, 2>(x, w, k, lo, hi, out, ldo);
-    default: return rows<D, 1>(x, w, k, lo, hi, out, ldo);
-  }
+  with_count<MAX_ROWS>(mt, [&]<int MT>() { rows<D, MT>(x, w, k, lo, hi, out, ldo); });
 }
 
 #else

@@ -129,25 +129,13 @@ void quant_tile(const uint8_t* xu, const float* sx, int64_t ldx, const Weight& w
 template <typename T, int MT>
 void quant_rows(const uint8_t* xu, const float* sx, int64_t ldx, const Weight& w, const int32_t* comp, int64_t m0,
                 int64_t nb, int64_t nbt, T* y) {
-  switch (nbt) {
-    case 4: return quant_tile<T, MT, 4>(xu, sx, ldx, w, comp, m0, nb, y);
-    case 3: return quant_tile<T, MT, 3>(xu, sx, ldx, w, comp, m0, nb, y);
-    case 2: return quant_tile<T, MT, 2>(xu, sx, ldx, w, comp, m0, nb, y);
-    default: return quant_tile<T, MT, 1>(xu, sx, ldx, w, comp, m0, nb, y);
-  }
+  with_count<4>(nbt, [&]<int NBT>() { quant_tile<T, MT, NBT>(xu, sx, ldx, w, comp, m0, nb, y); });
 }
 
 template <typename T>
 void quant_any(const uint8_t* xu, const float* sx, int64_t ldx, const Weight& w, const int32_t* comp, int64_t m0,
                int64_t mt, int64_t nb, int64_t nbt, T* y) {
-  switch (mt) {
-    case 6: return quant_rows<T, 6>(xu, sx, ldx, w, comp, m0, nb, nbt, y);
-    case 5: return quant_rows<T, 5>(xu, sx, ldx, w, comp, m0, nb, nbt, y);
-    case 4: return quant_rows<T, 4>(xu, sx, ldx, w, comp, m0, nb, nbt, y);
-    case 3: return quant_rows<T, 3>(xu, sx, ldx, w, comp, m0, nb, nbt, y);
-    case 2: return quant_rows<T, 2>(xu, sx, ldx, w, comp, m0, nb, nbt, y);
-    default: return quant_rows<T, 1>(xu, sx, ldx, w, comp, m0, nb, nbt, y);
-  }
+  with_count<6>(mt, [&]<int MT>() { quant_rows<T, MT>(xu, sx, ldx, w, comp, m0, nb, nbt, y); });
 }
 
 #else
@@ -217,16 +205,7 @@ void float_rows(const float* xf, int64_t ldx, const Weight& w, int64_t m0, int64
 
 template <typename T>
 void float_any(const float* xf, int64_t ldx, const Weight& w, int64_t m0, int64_t mt, int64_t nb, int64_t nbt, T* y) {
-  switch (mt) {
-    case 8: return float_rows<T, 8>(xf, ldx, w, m0, nb, nbt, y);
-    case 7: return float_rows<T, 7>(xf, ldx, w, m0, nb, nbt, y);
-    case 6: return float_rows<T, 6>(xf, ldx, w, m0, nb, nbt, y);
-    case 5: return float_rows<T, 5>(xf, ldx, w, m0, nb, nbt, y);
-    case 4: return float_rows<T, 4>(xf, ldx, w, m0, nb, nbt, y);
-    case 3: return float_rows<T, 3>(xf, ldx, w, m0, nb, nbt, y);
-    case 2: return float_rows<T, 2>(xf, ldx, w, m0, nb, nbt, y);
-    default: return float_rows<T, 1>(xf, ldx, w, m0, nb, nbt, y);
-  }
+  with_count<8>(mt, [&]<int MT>() { float_rows<T, MT>(xf, ldx, w, m0, nb, nbt, y); });
 }
 
 #else

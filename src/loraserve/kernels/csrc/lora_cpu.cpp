@@ -56,15 +56,6 @@ struct FmaDot {  // fp32, or bf16 widened to fp32
   static __m512 dot(__m512 acc, V a, V x) { return _mm512_fmadd_ps(a, x, acc); }
 };
 
-#ifdef __AVX512BF16__
-struct Bf16Dot {  // vdpbf16ps: 32 bf16 pairs into 16 fp32 lanes
-  using V = __m512i;
-  static constexpr int K = 32;
-  static V load(const bf16* p) { return _mm512_loadu_si512(p); }
-  static V load(const bf16* p, int64_t n) { return _mm512_maskz_loadu_epi16(mask32(n), p); }
-  static __m512 dot(__m512 acc, V a, V x) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)x); }
-};
-#endif
 
 // Bytes ahead of each stream that the loops ask the cache for: adapter rows are read once per call, from memory, and
 // the hardware prefetchers alone leave the loads waiting on it (measured with benchmarks/lora_kernel.py).
@@ -195,12 +186,7 @@ void shrink_task(const Problem& p, const T* x, const T* a, const Task& task) {
       xs[t] = x + p.rows[g.start + t0 + t] * p.x_stride;
       sp[t] = p.s + g.s_base + (t0 + t) * g.r + task.lo;
     }
-    switch (nt) {
-      case 4: shrink_rows<T, D, 4>(A, p.in, nj, xs, sp); break;
-      case 3: shrink_rows<T, D, 3>(A, p.in, nj, xs, sp); break;
-      case 2: shrink_rows<T, D, 2>(A, p.in, nj, xs, sp); break;
-      default: shrink_rows<T, D, 1>(A, p.in, nj, xs, sp); break;
-    }
+    with_count<4>(nt, [&]<int TB>() { shrink_rows<T, D, TB>(A, p.in, nj, xs, sp); });
   }
 #else
   for (int64_t t = 0; t < g.m; ++t) {
@@ -231,12 +217,7 @@ void expand_task(const Problem& p, T* y, const T* b, const Task& task) {
     }
     for (int64_t c0 = task.lo; c0 < task.hi; c0 += kMaxCols) {
       const int64_t c1 = std::min<int64_t>(task.hi, c0 + kMaxCols);
-      switch (nt) {
-        case 4: expand_cols<T, 4>(B, p.out, g.r, sp, ys, c0, c1); break;
-        case 3: expand_cols<T, 3>(B, p.out, g.r, sp, ys, c0, c1); break;
-        case 2: expand_cols<T, 2>(B, p.out, g.r, sp, ys, c0, c1); break;
-        default: expand_cols<T, 1>(B, p.out, g.r, sp, ys, c0, c1); break;
-      }
+      with_count<4>(nt, [&]<int TB>() { expand_cols<T, TB>(B, p.out, g.r, sp, ys, c0, c1); });
     }
   }
 #else
@@ -408,7 +389,7 @@ at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a, cons
     auto* ap = reinterpret_cast<const bf16*>(a.data_ptr<at::BFloat16>());
     auto* bp = reinterpret_cast<const bf16*>(b.data_ptr<at::BFloat16>());
 #if defined(LORASERVE_AVX512) && defined(__AVX512BF16__)
-    run<bf16, Bf16Dot>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
+    run<bf16, Bf16Pairs>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
 #elif defined(LORASERVE_AVX512)
     run<bf16, FmaDot<bf16>>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
 #else

@@ -140,15 +140,6 @@ void rotary_row(const T* x, const T* cos, const T* sin, int64_t half, T* y) {
 
 // ------------------------------------------------------------------------------------------- the ops
 
-template <typename T>
-T* data(const at::Tensor& t) {
-  if constexpr (std::is_same_v<T, float>) {
-    return t.data_ptr<float>();
-  } else {
-    return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
-  }
-}
-
 template <typename T, typename W, bool OFFSET>
 void norm_rows(const at::Tensor& x, const at::Tensor& w, float offset, float eps, at::Tensor& y) {
   const int64_t n = x.size(-1), rows = x.numel() / n;
