@@ -13,12 +13,23 @@ import torch
 
 from loraserve import kernels
 from loraserve.layers.context import ForwardContext, forward_context
-from loraserve.layers.linear import GEMV_MAX_ROWS, PROJECTION_GEMV_MAX_ROWS, Linear, pack_linear_weights
+from loraserve.layers.linear import (GEMV_MAX_ROWS, PROJECTION_GEMV_MAX_ROWS, Linear, cpu_packing_applies,
+                                     pack_linear_weights)
 from loraserve.layers.lora import OutputLoRA
 from loraserve.layers.lora_ops import LoRABatch
 
 pytestmark = pytest.mark.skipif(kernels.extension() is None, reason="compiled CPU ops unavailable here")
 
+def around(limit: int | None) -> list[int]:
+    """Row counts either side of a GEMV row limit (None: the GEMV takes any number, so a few and a batch)."""
+    return [1, 3, 32] if limit is None else sorted({1, 3, max(limit, 1), limit + 1, 32})
+
+
+def takes(rows: int, limit: int | None) -> bool:
+    return limit is None or rows <= limit
+
+
+PACKS = cpu_packing_applies(torch.bfloat16, torch.device("cpu"))  # oneDNN has bf16 on this CPU
 SHAPES = [(37, 45), (1000, 33), (17, 64), (129, 1), (300, 640), (2049, 100)]  # N, K: not multiples of 16 / 32 too
 
 
@@ -56,20 +67,22 @@ def test_bf16_output_form_holds_the_same_values(shape: tuple[int, int], rows: in
     assert got.dtype == torch.bfloat16 and torch.equal(got.float(), out)
 
 
-@pytest.mark.parametrize("rows", [1, PROJECTION_GEMV_MAX_ROWS, PROJECTION_GEMV_MAX_ROWS + 1, 32])
-def test_packed_projection_streams_its_plain_copy_at_few_rows(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rows", around(PROJECTION_GEMV_MAX_ROWS))
+def test_projection_streams_its_plain_weight_at_few_rows(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packed where this CPU's oneDNN has bf16 (the plain copy kept beside), plain where it has not."""
     model = torch.nn.Sequential(Linear(640, 300))
     _, w = case(300, 640, 1, seed=4)
     model[0].weight = torch.nn.Parameter(w, requires_grad=False)
-    pack_linear_weights(model)
+    if PACKS:
+        pack_linear_weights(model)
     linear = model[0]
-    assert linear.packed_weight is not None and linear.weight is not None  # both layouts kept
+    assert (linear.packed_weight is not None) == PACKS and linear.weight is not None
     calls = []
     op = kernels.compiled_op("bf16_linear")
     monkeypatch.setitem(kernels._ops, "bf16_linear", lambda *a: calls.append(1) or op(*a))
     x, _ = case(300, 640, rows, seed=5)
     got = linear(x)
-    assert calls == ([1] if rows <= PROJECTION_GEMV_MAX_ROWS else [])
+    assert calls == ([1] if takes(rows, PROJECTION_GEMV_MAX_ROWS) else [])
     assert got.dtype == torch.bfloat16
     assert_close_to_bf16_product(got.float(), x, w)
 
@@ -102,8 +115,8 @@ def lm_head(n: int, k: int, packed: bool) -> Linear:
     return linear
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
-@pytest.mark.parametrize("rows", [1, 3, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1])
+@pytest.mark.parametrize("packed", [True, False] if PACKS else [False], ids=["packed", "plain"][1 - PACKS:])
+@pytest.mark.parametrize("rows", around(GEMV_MAX_ROWS))
 def test_linear_forward_into_matches_its_forward(packed: bool, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     linear = lm_head(3001, 640, packed)
     x, _ = case(3001, 640, rows, seed=2)
@@ -112,13 +125,13 @@ def test_linear_forward_into_matches_its_forward(packed: bool, rows: int, monkey
     monkeypatch.setitem(kernels._ops, "bf16_linear_fp32_", lambda *a: calls.append(1) or op(*a))
     out = torch.full((rows, 3001), float("nan"))
     assert linear.forward_into(x, out) is out
-    assert calls == ([1] if rows <= GEMV_MAX_ROWS else [])
+    assert calls == ([1] if takes(rows, GEMV_MAX_ROWS) else [])
     assert_close_to_bf16_product(out, x, linear.weight)
     assert_close_to_bf16_product(linear(x).float(), x, linear.weight)
 
 
 def test_linear_forward_into_keeps_an_adapters_delta() -> None:
-    linear = lm_head(300, 64, packed=True)
+    linear = lm_head(300, 64, packed=PACKS)
     lora = OutputLoRA()
     generator = torch.Generator().manual_seed(3)
     a, b = torch.randn(4, 64, generator=generator).bfloat16(), torch.randn(300, 4, generator=generator).bfloat16()

@@ -2,8 +2,8 @@
 
 It is compiled on first use with `torch.utils.cpp_extension.load` into `$LORASERVE_CACHE/torch_extensions` (never at
 install time, so pip's isolated build never pulls a torch of its own), with the AVX-512 / AVX512_BF16 / AVX512_VNNI
-flags this CPU has, and registers its ops with the dispatcher under `torch.ops.loraserve` (profiles show them, and
-they run without the GIL). It needs a C++ compiler and `ninja` (the system one, or the `ninja` PyPI package). Where
+flags this CPU has (AVX2 / FMA without AVX-512), and registers its ops with the dispatcher under `torch.ops.loraserve`
+(profiles show them, and they run without the GIL). It needs a C++ compiler and `ninja` (the system one, or the `ninja` PyPI package). Where
 either is missing or the build fails, `extension()` returns None once, logged once, and each caller runs its torch
 form instead.
 """
@@ -54,17 +54,29 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _isa_cflags() -> list[str]:
-    """Compiler flags for the vector units this CPU has (and torch is allowed to use)."""
-    capability = torch.backends.cpu.get_cpu_capability()  # honours ATEN_CPU_CAPABILITY
+def vector_isa() -> str:
+    """The vector units the kernels are compiled for here: "avx512", "avx2" or "" (portable scalar loops), from the
+    CPU's flags and what torch is allowed to use (ATEN_CPU_CAPABILITY)."""
+    capability = torch.backends.cpu.get_cpu_capability()
     flags = _cpu_flags()
     if not flags:  # no /proc/cpuinfo: trust torch's own dispatch
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"] if capability.startswith("AVX512") else []
+        return "avx512" if capability.startswith("AVX512") else ""
     if capability.startswith("AVX512") and {"avx512f", "avx512bw", "avx512vl", "fma"} <= flags:
-        out = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"]
+        return "avx512"
+    if capability.startswith(("AVX2", "AVX512")) and {"avx2", "fma"} <= flags:
+        return "avx2"
+    return ""
+
+
+def _isa_cflags() -> list[str]:
+    """Compiler flags for the vector units of `vector_isa()`, with the optional AVX-512 extensions this CPU has."""
+    isa = vector_isa()
+    if isa == "avx512":
+        flags = _cpu_flags()
         optional = {"avx512_bf16": "-mavx512bf16", "avx512_vnni": "-mavx512vnni"}
-        return out + [flag for name, flag in optional.items() if name in flags]
-    return []
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma",
+                *(flag for name, flag in optional.items() if name in flags)]
+    return ["-mavx2", "-mfma", "-mf16c"] if isa == "avx2" else []
 
 
 def _build() -> ModuleType:

@@ -19,11 +19,27 @@ from loraserve.layers.context import get_forward_context
 from loraserve.layers.embedding import VocabEmbedding
 from loraserve.quant import QuantizedWeight, quantize
 
-# The most rows the compiled GEMV takes: at more, oneDNN's bf16 GEMM is as fast or faster (see RESULTS.md, the
-# lm_head GEMV); on AMX that comes at fewer rows.
-GEMV_MAX_ROWS = 2 if kernels.onednn_uses_amx() else 8
-# The same for a decoder projection, whose weights are small enough that oneDNN's fixed costs matter less.
-PROJECTION_GEMV_MAX_ROWS = 1 if kernels.onednn_uses_amx() else 2
+
+def _gemv_row_limits() -> tuple[int | None, int | None]:
+    """The most rows the compiled GEMV takes for the lm_head and for a decoder projection (None: any number).
+
+    At more, oneDNN's bf16 GEMM is as fast or faster (RESULTS.md, the lm_head GEMV); on AMX that comes at fewer rows,
+    and a projection's weights are small enough that oneDNN's fixed costs matter less. Where oneDNN has no bf16 GEMM
+    (CPUs without AVX-512), torch's own bf16 matmul is slower than the compiled kernel at every row count measured,
+    so the kernel takes them all. Its portable scalar form (no AVX2) never wins.
+    """
+    if not kernels.vector_isa():
+        return 0, 0
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None, None
+    return (2, 1) if kernels.onednn_uses_amx() else (8, 2)
+
+
+GEMV_MAX_ROWS, PROJECTION_GEMV_MAX_ROWS = _gemv_row_limits()
+
+
+def _fits(rows: int, limit: int | None) -> bool:
+    return limit is None or rows <= limit
 
 
 class LoRADelta(Protocol):
@@ -81,12 +97,10 @@ class Linear(nn.Module):
             y = self.quantized.matmul(x)
             if self.bias is not None:
                 y = y + self.bias
+        elif self._gemv_applies(x, PROJECTION_GEMV_MAX_ROWS) and (gemv := kernels.compiled_op("bf16_linear")):
+            y = gemv(x.contiguous(), self.weight)
         elif self.packed_weight is not None:
-            gemv = kernels.compiled_op("bf16_linear") if x.shape[0] <= PROJECTION_GEMV_MAX_ROWS else None
-            if gemv is not None and self.weight is not None and self.bias is None and x.dim() == 2:
-                y = gemv(x.contiguous(), self.weight)
-            else:
-                y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         else:
             y = F.linear(x, self.weight, self.bias)
         if self.lora is not None:
@@ -99,17 +113,17 @@ class Linear(nn.Module):
         A few bf16 rows against a plain weight (the table an lm_head shares with the embedding) take the compiled
         GEMV: it streams the weight once, where oneDNN is slow at so few rows, and writes fp32 with no copy.
         """
-        op = kernels.compiled_op("bf16_linear_fp32_")
-        if op is not None and self._gemv_applies(x):
+        no_delta = self.lora is None or get_forward_context().lora is None
+        if no_delta and self._gemv_applies(x, GEMV_MAX_ROWS) and (op := kernels.compiled_op("bf16_linear_fp32_")):
             return op(out, x.contiguous(), self.weight)
         return out.copy_(self(x))
 
-    def _gemv_applies(self, x: torch.Tensor) -> bool:
-        """The GEMV computes `x W^T` alone: no bias, no quantized weight, no adapter delta on any of these rows."""
+    def _gemv_applies(self, x: torch.Tensor, max_rows: int | None) -> bool:
+        """The GEMV can compute `x W^T` here: a plain bf16 weight on the CPU, no bias, at most `max_rows` rows."""
         weight = self.weight
         return (weight is not None and self.bias is None and self.quantized is None and x.device.type == "cpu"
                 and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous() and x.dim() == 2
-                and x.shape[0] <= GEMV_MAX_ROWS and (self.lora is None or get_forward_context().lora is None))
+                and _fits(x.shape[0], max_rows))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

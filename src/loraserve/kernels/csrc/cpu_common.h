@@ -1,4 +1,4 @@
-// Helpers the CPU kernels share: bf16 <-> fp32 conversions with torch's rounding, scalar and AVX-512.
+// Helpers the CPU kernels share: bf16 <-> fp32 conversions with torch's rounding, scalar, AVX-512 and AVX2.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +11,9 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LORASERVE_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LORASERVE_AVX2 1  // CPUs without AVX-512 (AMD Zen 2/3, Intel client cores): 8 fp32 lanes, no masks
 #include <immintrin.h>
 #endif
 
@@ -114,5 +117,35 @@ inline __m512 reduce16(const __m512 (&a)[16]) {
 }
 
 #endif  // LORASERVE_AVX512
+
+#ifdef LORASERVE_AVX2
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) {  // round to nearest even, NaN kept quiet: the same bits as from_f
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i hi = _mm256_srli_epi32(u, 16);
+  __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(hi, _mm256_set1_epi32(1)))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);  // 16-bit values, in order
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+// Lane i of the result is the sum of the 8 lanes of a[i].
+inline __m256 reduce8(const __m256 (&a)[8]) {
+  const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);  // 128-bit halves: rows 0-3 | 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+#endif  // LORASERVE_AVX2
 
 }  // namespace loraserve

@@ -10,7 +10,8 @@
 // then sums all 16 into one vector whose lanes are the tile's results, rounded to bf16 once.
 //
 // ISA: AVX512_BF16's vdpbf16ps (32 bf16 pairs into 16 fp32 lanes; bf16 denormal inputs count as zero) when compiled
-// with it, AVX-512F FMAs on widened bf16 otherwise, a portable scalar loop without AVX-512.
+// with it, AVX-512F FMAs on widened bf16 otherwise; on AVX2, tiles of 8 lanes and up to 8 accumulators that take 16
+// weights per load (see `paired`); a portable scalar loop without either.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -95,6 +96,94 @@ void rows_any(const typename D::X* x, int64_t mt, const bf16* w, int64_t k, int6
   with_count<MAX_ROWS>(mt, [&]<int MT>() { rows<D, MT>(x, w, k, lo, hi, out, ldo); });
 }
 
+#elif defined(LORASERVE_AVX2)
+
+constexpr int64_t PREFETCH = 4096;  // bytes ahead in w
+constexpr int TILE_ROWS = 4;        // x rows per tile: more leave the loads of x, not the FMAs, setting the pace
+
+struct Avx2Dot {  // the tag of the AVX2 tiles: x widened to fp32 once per call, in `paired` order
+  using X = float;
+};
+
+// x widened to fp32 with each whole block of 16 reordered as its 8 even elements, then its 8 odd ones: the order in
+// which one 32-byte load of 16 bf16 weights splits into two fp32 vectors with a shift and a mask (bf16 is the high
+// half of an fp32), in place of two widening loads. A tail of fewer than 16 keeps its order.
+void paired(const bf16* x, int64_t m, int64_t k, float* xf) {
+  const int64_t body = k - k % 16;
+  for (int64_t i = 0; i < m; ++i) {
+    const bf16* src = x + i * k;
+    float* dst = xf + i * k;
+    for (int64_t q = 0; q < body; q += 16)
+      for (int p = 0; p < 8; ++p) {
+        dst[q + p] = to_f(src[q + 2 * p]);
+        dst[q + 8 + p] = to_f(src[q + 2 * p + 1]);
+      }
+    for (int64_t q = body; q < k; ++q) dst[q] = to_f(src[q]);
+  }
+}
+
+// MT rows of x (fp32, paired) against NB rows of w: MT * NB <= 8 accumulators along K, the K loop outermost so that
+// every accumulator's chain of FMAs runs beside the others (one chain alone waits on the FMA latency), then one
+// transposing reduction whose lanes are the tile's results; a K tail that is not a multiple of 16 is summed in scalar.
+template <int MT, int NB, typename O>
+void tile(const float* x, const bf16* w, int64_t k, O* out, int64_t ldo) {
+  static_assert(MT * NB <= 8, "one accumulator per (x row, w row) pair, 8 at most");
+  constexpr bool SPLIT = MT * NB <= 4;
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32(int32_t(0xffff0000u));
+  const int64_t body = k - k % 16;
+  for (int64_t q = 0; q < body; q += 16) {
+    __m256 xe[MT], xo[MT];
+    for (int m = 0; m < MT; ++m) {
+      xe[m] = _mm256_loadu_ps(x + m * k + q);
+      xo[m] = _mm256_loadu_ps(x + m * k + q + 8);
+    }
+    for (int j = 0; j < NB; ++j) {
+      const bf16* row = w + j * k + q;
+      if (q % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(row) + PREFETCH, _MM_HINT_T0);
+      const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pairs, high));
+      for (int m = 0; m < MT; ++m) {
+        if constexpr (SPLIT) {  // even and odd products in accumulators of their own: no chain of two FMAs
+          acc[m * NB + j] = _mm256_fmadd_ps(even, xe[m], acc[m * NB + j]);
+          acc[4 + m * NB + j] = _mm256_fmadd_ps(odd, xo[m], acc[4 + m * NB + j]);
+        } else {
+          acc[m * NB + j] = _mm256_fmadd_ps(odd, xo[m], _mm256_fmadd_ps(even, xe[m], acc[m * NB + j]));
+        }
+      }
+    }
+  }
+  if constexpr (SPLIT)
+    for (int i = 0; i < 4; ++i) acc[i] = _mm256_add_ps(acc[i], acc[4 + i]);
+  alignas(32) float sums[8];
+  _mm256_store_ps(sums, reduce8(acc));
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NB; ++j) {
+      float v = sums[m * NB + j];
+      for (int64_t q = body; q < k; ++q) v += x[m * k + q] * to_f(w[j * k + q]);
+      bf16 h;
+      from_f(&h, v);
+      from_f(out + m * ldo + j, to_f(h));
+    }
+}
+
+template <int MT, typename O>
+void rows(const float* x, const bf16* w, int64_t k, int64_t lo, int64_t hi, O* out, int64_t ldo) {
+  constexpr int NB = MT == 1 ? 4 : 8 / MT;
+  int64_t n = lo;
+  for (; n + NB <= hi; n += NB) tile<MT, NB>(x, w + n * k, k, out + n, ldo);
+  for (; n < hi; ++n) tile<MT, 1>(x, w + n * k, k, out + n, ldo);
+}
+
+template <typename D, typename O>
+void rows_any(const float* x, int64_t mt, const bf16* w, int64_t k, int64_t lo, int64_t hi, O* out, int64_t ldo) {
+  for (int64_t m0 = 0; m0 < mt; m0 += TILE_ROWS)
+    with_count<TILE_ROWS>(std::min<int64_t>(TILE_ROWS, mt - m0),
+                          [&]<int MT>() { rows<MT>(x + m0 * k, w, k, lo, hi, out + m0 * ldo, ldo); });
+}
+
 #else
 
 template <typename D, typename O>
@@ -145,6 +234,10 @@ void run(const at::Tensor& x, const at::Tensor& w, O* op) {
   std::vector<float> xf(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) xf[i] = to_f(xp[i]);
   product<FmaDot>(xf.data(), m, wp, n, k, op);
+#elif defined(LORASERVE_AVX2)
+  std::vector<float> xf(static_cast<size_t>(m * k));
+  paired(xp, m, k, xf.data());
+  product<Avx2Dot>(xf.data(), m, wp, n, k, op);
 #else
   product<void>(xp, m, wp, n, k, op);
 #endif

@@ -11,7 +11,7 @@
 // are exact in fp32), and y is read, added to and rounded once per element.
 //
 // ISA: AVX-512F/BW/VL intrinsics when compiled with them; AVX512_BF16's vdpbf16ps for the bf16 shrink when present
-// (it treats bf16 denormal inputs as zero). A portable scalar path otherwise. The Python side picks the flags.
+// (it treats bf16 denormal inputs as zero). AVX2 tiles of 8 lanes without AVX-512; a portable scalar path otherwise. The Python side picks the flags.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -95,9 +95,6 @@ void shrink_tile(const T* A, int64_t in, const T* const* xs, float* const* sp) {
     for (int t = 0; t < TB; ++t) sp[t][j] = _mm512_reduce_add_ps(acc[j][t]);
 }
 
-// Column block an expand call covers at a time.
-constexpr int64_t kMaxCols = 1024;
-
 // TB tokens, CV vectors of 16 columns from c: ys[t][c..] = round(ys[t][c..] + sum_j sp[t][j] * B[j][c..]).
 // Accumulators stay in registers (this beat accumulating whole B rows into an L1 buffer, measured).
 template <typename T, int TB, int CV>
@@ -163,7 +160,99 @@ void shrink_rows(const T* A, int64_t in, int64_t nj, const T* const* xs, float* 
   }
 }
 
-#endif  // LORASERVE_AVX512
+#elif defined(LORASERVE_AVX2)
+
+struct Avx2Dot {};  // the tag of the AVX2 shrink: both operands widened to fp32 in registers
+
+constexpr int64_t kPrefetchBytes = 4096;  // as for AVX-512: adapter rows come from memory once per call
+
+inline void prefetch_ahead(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+
+// JB rows of A against TB tokens, JB * TB <= 8 accumulators of 8 lanes; a K tail below 8 is summed in scalar.
+template <typename T, int JB, int TB>
+void shrink_tile(const T* A, int64_t in, const T* const* xs, float* const* sp) {
+  static_assert(JB * TB <= 8, "8 accumulators at most");
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  const int64_t body = in - in % 8;
+  for (int64_t k = 0; k < body; k += 8) {
+    __m256 xv[TB];
+    for (int t = 0; t < TB; ++t) xv[t] = load8(xs[t] + k);
+    for (int j = 0; j < JB; ++j) {
+      if (k % (64 / sizeof(T)) == 0) prefetch_ahead(A + j * in + k);
+      const __m256 av = load8(A + j * in + k);
+      for (int t = 0; t < TB; ++t) acc[j * TB + t] = _mm256_fmadd_ps(av, xv[t], acc[j * TB + t]);
+    }
+  }
+  alignas(32) float sums[8];
+  _mm256_store_ps(sums, reduce8(acc));
+  for (int j = 0; j < JB; ++j)
+    for (int t = 0; t < TB; ++t) {
+      float v = sums[j * TB + t];
+      for (int64_t k = body; k < in; ++k) v += to_f(A[j * in + k]) * to_f(xs[t][k]);
+      sp[t][j] = v;
+    }
+}
+
+template <typename T, typename D, int TB>
+void shrink_rows(const T* A, int64_t in, int64_t nj, const T* const* xs, float* const* sp) {
+  constexpr int JB = 8 / TB > 4 ? 4 : 8 / TB;
+  float* spj[TB];
+  for (int t = 0; t < TB; ++t) spj[t] = sp[t];
+  int64_t j = 0;
+  for (; j + JB <= nj; j += JB) {
+    shrink_tile<T, JB, TB>(A + j * in, in, xs, spj);
+    for (int t = 0; t < TB; ++t) spj[t] += JB;
+  }
+  for (; j < nj; ++j) {
+    shrink_tile<T, 1, TB>(A + j * in, in, xs, spj);
+    for (int t = 0; t < TB; ++t) spj[t] += 1;
+  }
+}
+
+// TB tokens, CV vectors of 8 columns from c: ys[t][c..] = round(ys[t][c..] + sum_j sp[t][j] * B[j][c..]).
+template <typename T, int TB, int CV>
+void expand_tile(const T* B, int64_t out, int64_t r, const float* const* sp, T* const* ys, int64_t c) {
+  __m256 acc[TB][CV];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < CV; ++v) acc[t][v] = _mm256_setzero_ps();
+  const T* bp = B + c;
+  for (int64_t j = 0; j < r; ++j, bp += out) {
+    prefetch_ahead(bp);
+    __m256 bv[CV];
+    for (int v = 0; v < CV; ++v) bv[v] = load8(bp + 8 * v);
+    for (int t = 0; t < TB; ++t) {
+      const __m256 s = _mm256_set1_ps(sp[t][j]);
+      for (int v = 0; v < CV; ++v) acc[t][v] = _mm256_fmadd_ps(s, bv[v], acc[t][v]);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < CV; ++v) {
+      T* p = ys[t] + c + 8 * v;
+      store8(p, _mm256_add_ps(load8(p), acc[t][v]));
+    }
+}
+
+template <typename T, int TB>
+void expand_cols(const T* B, int64_t out, int64_t r, const float* const* sp, T* const* ys, int64_t c0, int64_t c1) {
+  constexpr int CV = TB <= 2 ? 4 : 2;
+  int64_t c = c0;
+  for (; c + 8 * CV <= c1; c += 8 * CV) expand_tile<T, TB, CV>(B, out, r, sp, ys, c);
+  for (; c + 8 <= c1; c += 8) expand_tile<T, TB, 1>(B, out, r, sp, ys, c);
+  for (; c < c1; ++c)  // the last columns, fewer than 8
+    for (int t = 0; t < TB; ++t) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < r; ++j) acc += sp[t][j] * to_f(B[j * out + c]);
+      from_f(ys[t] + c, to_f(ys[t][c]) + acc);
+    }
+}
+
+#endif  // LORASERVE_AVX512, LORASERVE_AVX2
+
+// Column block an expand call covers at a time.
+constexpr int64_t kMaxCols = 1024;
 
 struct Problem {
   int64_t in, out, x_stride, y_stride;
@@ -177,7 +266,7 @@ void shrink_task(const Problem& p, const T* x, const T* a, const Task& task) {
   const Seg& g = (*p.segs)[task.seg];
   const T* A = a + (g.off + task.lo) * p.in;
   const int64_t nj = task.hi - task.lo;
-#ifdef LORASERVE_AVX512
+#if defined(LORASERVE_AVX512) || defined(LORASERVE_AVX2)
   for (int64_t t0 = 0; t0 < g.m; t0 += 4) {
     const int nt = int(std::min<int64_t>(4, g.m - t0));
     const T* xs[4];
@@ -206,7 +295,7 @@ template <typename T>
 void expand_task(const Problem& p, T* y, const T* b, const Task& task) {
   const Seg& g = (*p.segs)[task.seg];
   const T* B = b + g.off * p.out;
-#ifdef LORASERVE_AVX512
+#if defined(LORASERVE_AVX512) || defined(LORASERVE_AVX2)
   for (int64_t t0 = 0; t0 < g.m; t0 += 4) {
     const int nt = int(std::min<int64_t>(4, g.m - t0));
     T* ys[4];
@@ -379,6 +468,9 @@ at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a, cons
 #ifdef LORASERVE_AVX512
     run<float, FmaDot<float>>(p, y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),
                               shrink, expand, nth, whole);
+#elif defined(LORASERVE_AVX2)
+    run<float, Avx2Dot>(p, y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),
+                        shrink, expand, nth, whole);
 #else
     run<float, void>(p, y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), shrink,
                      expand, nth, whole);
@@ -392,6 +484,8 @@ at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a, cons
     run<bf16, Bf16Pairs>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
 #elif defined(LORASERVE_AVX512)
     run<bf16, FmaDot<bf16>>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
+#elif defined(LORASERVE_AVX2)
+    run<bf16, Avx2Dot>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
 #else
     run<bf16, void>(p, yp, xp, ap, bp, shrink, expand, nth, whole);
 #endif
@@ -406,6 +500,8 @@ const char* loraserve::lora_isa() {
   return "avx512_bf16";
 #elif defined(LORASERVE_AVX512)
   return "avx512";
+#elif defined(LORASERVE_AVX2)
+  return "avx2";
 #else
   return "scalar";
 #endif
