@@ -33,6 +33,7 @@ PARTS = {
     "mkldnn::_linear_pointwise": "decoder linears (oneDNN)",
     "loraserve::bf16_linear_fp32_": "lm_head (GEMV)",
     "loraserve::bf16_linear": "decoder linears (GEMV)",
+    "loraserve::bf16_linear_parts": "decoder linears (GEMV)",
     "loraserve::rms_norm": "norms",
     "loraserve::rotary": "rotary",
     "loraserve::decode_attention_": "attention",

@@ -13,9 +13,9 @@ import torch
 
 from loraserve import kernels
 from loraserve.layers.context import ForwardContext, forward_context
-from loraserve.layers.linear import (GEMV_MAX_ROWS, PROJECTION_GEMV_MAX_ROWS, Linear, cpu_packing_applies,
-                                     pack_linear_weights)
-from loraserve.layers.lora import OutputLoRA
+from loraserve.layers.linear import (GEMV_MAX_ROWS, PROJECTION_GEMV_MAX_ROWS, Linear, ProjectionGroup,
+                                     cpu_packing_applies, fuse_projection_groups, pack_linear_weights)
+from loraserve.layers.lora import OutputLoRA, ProjectionLoRA
 from loraserve.layers.lora_ops import LoRABatch
 
 pytestmark = pytest.mark.skipif(kernels.extension() is None, reason="compiled CPU ops unavailable here")
@@ -30,7 +30,7 @@ def takes(rows: int, limit: int | None) -> bool:
 
 
 PACKS = cpu_packing_applies(torch.bfloat16, torch.device("cpu"))  # oneDNN has bf16 on this CPU
-SHAPES = [(37, 45), (1000, 33), (17, 64), (129, 1), (300, 640), (2049, 100)]  # N, K: not multiples of 16 / 32 too
+SHAPES = [(37, 45), (1000, 33), (17, 64), (23, 50), (129, 1), (300, 640), (2049, 100)]  # N, K: tails past 32 and 16
 
 
 def case(n: int, k: int, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +115,8 @@ def lm_head(n: int, k: int, packed: bool) -> Linear:
     return linear
 
 
-@pytest.mark.parametrize("packed", [True, False] if PACKS else [False], ids=["packed", "plain"][1 - PACKS:])
+@pytest.mark.parametrize("packed", [pytest.param(True, id="packed"), pytest.param(False, id="plain")] if PACKS
+                         else [pytest.param(False, id="plain")])
 @pytest.mark.parametrize("rows", around(GEMV_MAX_ROWS))
 def test_linear_forward_into_matches_its_forward(packed: bool, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     linear = lm_head(3001, 640, packed)
@@ -146,3 +147,71 @@ def test_linear_forward_into_keeps_an_adapters_delta() -> None:
     base = ForwardContext(slot_mapping=torch.empty(0, dtype=torch.int64), attention_groups=[])
     with forward_context(base):  # no row carries an adapter: the GEMV serves
         assert_close_to_bf16_product(linear.forward_into(x, torch.empty(2, 300)), x, linear.weight)
+
+
+def projections(sizes: list[int], k: int) -> torch.nn.Sequential:
+    """Linears of one input, as a model holds q/k/v, with the group a model module would hold beside them."""
+    model = torch.nn.Sequential(*(Linear(k, n) for n in sizes))
+    for i, linear in enumerate(model):
+        linear.weight = torch.nn.Parameter(case(linear.out_features, k, 1, seed=10 + i)[1], requires_grad=False)
+    if PACKS:
+        pack_linear_weights(model)
+    model.group = ProjectionGroup(*model)
+    return model
+
+
+@pytest.mark.parametrize("rows", around(PROJECTION_GEMV_MAX_ROWS))
+def test_a_fused_group_gives_each_layers_own_output(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit what each layer gives alone, adapter deltas included, in one GEMV call where it applies; the
+    layers' weights become views of the group's, with no copy kept."""
+    sizes, k = [300, 64, 40], 640
+    model = projections(sizes, k)
+    generator = torch.Generator().manual_seed(7)
+    for linear, slot in ((model[0], 0), (model[2], 1)):  # the middle layer carries no adapter
+        lora = ProjectionLoRA(k, linear.out_features, torch.bfloat16, torch.device("cpu"))
+        for placed in (slot, 2):
+            lora.place(placed, torch.randn(4, k, generator=generator).bfloat16(),
+                       torch.randn(linear.out_features, 4, generator=generator).bfloat16())
+        linear.lora = lora
+    x, _ = case(1, k, rows, seed=8)
+    slots = [[0, 1, 2, -1][i % 4] for i in range(rows)]
+    context = ForwardContext(slot_mapping=torch.empty(0, dtype=torch.int64), attention_groups=[],
+                             lora=LoRABatch.build(slots, torch.device("cpu")))
+    with forward_context(context):
+        alone = [linear(x) for linear in model]
+        assert fuse_projection_groups(model) == 1
+        calls = []
+        op = kernels.compiled_op("bf16_linear_parts")
+        monkeypatch.setitem(kernels._ops, "bf16_linear_parts", lambda *a: calls.append(1) or op(*a))
+        together = model.group(x)
+    assert calls == ([1] if takes(rows, PROJECTION_GEMV_MAX_ROWS) else [])
+    assert all(torch.equal(a, t) and t.is_contiguous() for a, t in zip(alone, together))
+    merged = model.group.weight
+    assert merged.shape == (sum(sizes), k)
+    assert [linear.weight.data_ptr() for linear in model] == [
+        merged.data_ptr() + start * k * merged.element_size() for start in (0, 300, 364)]
+
+
+def test_a_group_runs_each_layer_once_a_weight_is_replaced() -> None:
+    model = projections([48, 16], 96)
+    assert fuse_projection_groups(model) == 1
+    model[1].weight = torch.nn.Parameter(case(16, 96, 1, seed=20)[1], requires_grad=False)
+    model[1].packed_weight = None
+    x, _ = case(1, 96, 1, seed=21)
+    first, second = model.group(x)
+    assert torch.equal(first, model[0](x)) and torch.equal(second, model[1](x))
+    assert_close_to_bf16_product(second.float(), x, model[1].weight)
+
+
+def test_a_group_with_a_bias_is_left_as_it_is() -> None:
+    model = torch.nn.Sequential(Linear(32, 16, bias=True), Linear(32, 16))
+    model.group = ProjectionGroup(*model)
+    weights = [linear.weight for linear in model]
+    assert fuse_projection_groups(model) == 0 and model.group.weight is None
+    assert all(linear.weight is weight for linear, weight in zip(model, weights))
+
+
+def test_parts_op_rejects_sizes_that_do_not_cover_w() -> None:
+    x, w = case(64, 32, 2)
+    with pytest.raises(RuntimeError, match="sizes sum to 60"):
+        torch.ops.loraserve.bf16_linear_parts(x, w, [30, 30])

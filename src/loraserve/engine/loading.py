@@ -16,7 +16,12 @@ from pathlib import Path
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from loraserve.config import EngineConfig
-from loraserve.layers.linear import cpu_packing_applies, pack_linear_weights, quantize_linear_weights
+from loraserve.layers.linear import (
+    cpu_packing_applies,
+    fuse_projection_groups,
+    pack_linear_weights,
+    quantize_linear_weights,
+)
 from loraserve.models.base import CausalLM
 from loraserve.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from loraserve.models.gguf import load_gguf
@@ -64,6 +69,8 @@ def load(config: EngineConfig) -> LoadedModel:
         logger.info("quantized linear layers (lm_head to %s): %s", _LM_HEAD_FORMAT, counts)
     if cpu_packing_applies(config.torch_dtype(), config.torch_device()):
         logger.info("packed %d linear layers into oneDNN's bf16 layout", pack_linear_weights(loaded.model))
+    if fused := fuse_projection_groups(loaded.model):
+        logger.info("laid out %d projection groups end to end for the GEMV", fused)
     _return_freed_memory()
     return loaded
 

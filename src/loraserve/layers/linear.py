@@ -129,6 +129,57 @@ class Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class ProjectionGroup:
+    """Projections of one input that are computed together, q/k/v or gate/up, where the compiled GEMV serves them:
+    one call over their weights laid end to end (`fuse`), in place of a call and a pass over a small matrix each.
+    Each layer keeps its own module, name and adapter delta; where the GEMV does not apply, each runs as itself.
+
+    Not an `nn.Module`: the layers stay registered once, under the names checkpoints and PEFT give them.
+    """
+
+    def __init__(self, *linears: Linear) -> None:
+        self.linears = linears
+        self.sizes = [linear.out_features for linear in linears]
+        self.weight: torch.Tensor | None = None  # the layers' weights end to end, once fused
+        self._views: tuple[torch.Tensor | None, ...] = ()  # each layer's weight as `fuse` left it
+
+    def fuse(self) -> bool:
+        """Lay the plain bf16 weights end to end in one tensor, each layer's weight becoming a view of its rows (no
+        copy kept); False, and nothing changed, where a layer has no plain bf16 weight of its own or a bias."""
+        weights = [linear.weight for linear in self.linears]
+        if any(w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu" for w in weights) or any(
+                linear.bias is not None or linear.quantized is not None for linear in self.linears):
+            return False
+        merged = torch.cat([w.detach() for w in weights])
+        for linear, rows in zip(self.linears, merged.split(self.sizes)):
+            linear.weight = nn.Parameter(rows, requires_grad=False)
+        self.weight = merged
+        self._views = tuple(linear.weight for linear in self.linears)
+        return True
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's output, its adapter delta included, as `[linear(x) for linear in linears]` returns."""
+        merged = self.weight
+        if (merged is not None and x.dtype == torch.bfloat16 and x.dim() == 2
+                and _fits(x.shape[0], PROJECTION_GEMV_MAX_ROWS) and (op := kernels.compiled_op("bf16_linear_parts"))
+                and all(linear.weight is view for linear, view in zip(self.linears, self._views))):
+            outs = op(x.contiguous(), merged, self.sizes)
+            return [out if linear.lora is None else linear.lora.add_delta(x, out)
+                    for linear, out in zip(self.linears, outs)]
+        return [linear(x) for linear in self.linears]
+
+
+def fuse_projection_groups(model: nn.Module) -> int:
+    """Fuse every `ProjectionGroup` the model's modules hold (see `ProjectionGroup.fuse`) where the GEMV is built;
+    returns how many fused. Called once the weights are final (loaded, quantized, packed), since `fuse` rebinds
+    them."""
+    if not _fits(1, PROJECTION_GEMV_MAX_ROWS) or kernels.compiled_op("bf16_linear_parts") is None:
+        return 0
+    groups = [value for module in model.modules() for value in vars(module).values()
+              if isinstance(value, ProjectionGroup)]
+    return sum(group.fuse() for group in groups)
+
+
 def cpu_packing_applies(dtype: torch.dtype, device: torch.device) -> bool:
     """oneDNN's packed bf16 path: only bf16 weights on a CPU whose oneDNN build supports bf16."""
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -17,7 +17,7 @@ from transformers.activations import ACT2FN
 from loraserve.errors import UnsupportedModel
 from loraserve.layers.attention import Attention
 from loraserve.layers.embedding import VocabEmbedding
-from loraserve.layers.linear import Linear
+from loraserve.layers.linear import Linear, ProjectionGroup
 from loraserve.layers.norm import RMSNorm
 from loraserve.layers.rotary import RotaryEmbedding
 from loraserve.models.llama import CheckpointModel, SeparateQKVAttention, head_dim_of, sliding_window_of
@@ -54,6 +54,7 @@ class GemmaAttention(SeparateQKVAttention):
         # Only Gemma 2 caps attention logits; transformers' Gemma 3 ignores `attn_logit_softcapping`, so we do too.
         softcap = config.attn_logit_softcapping if family == "gemma2" else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, window, softcap)
+        self.group_qkv()
 
 
 
@@ -63,11 +64,13 @@ class GemmaMLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.gate_up = ProjectionGroup(self.gate_proj, self.up_proj)
         # Gemma 1 configs name the activation `hidden_act`, Gemma 2 and 3 `hidden_activation` (as transformers reads).
         self.act = ACT2FN[config.hidden_act if config.model_type == "gemma" else config.hidden_activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -26,7 +26,7 @@ from transformers.activations import ACT2FN
 from loraserve.errors import ModelLoadError
 from loraserve.layers.attention import Attention
 from loraserve.layers.embedding import VocabEmbedding
-from loraserve.layers.linear import Linear
+from loraserve.layers.linear import Linear, ProjectionGroup
 from loraserve.layers.norm import RMSNorm
 from loraserve.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -54,22 +54,28 @@ def _llama_family_window(config: PretrainedConfig, layer_idx: int) -> int | None
 
 
 class SeparateQKVAttention(nn.Module):
-    """Attention with separate q/k/v projections and optional per-head q/k norms; subclasses build the modules
-    (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `attn`, and `q_norm`/`k_norm` when `qk_norm`)."""
+    """Attention with separate q/k/v projections, computed as one group, and optional per-head q/k norms;
+    subclasses build the modules (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `attn`, and `q_norm`/`k_norm` when
+    `qk_norm`), then call `group_qkv`."""
 
     num_heads: int
     num_kv_heads: int
     head_dim: int
     qk_norm: bool
+    qkv: ProjectionGroup
+
+    def group_qkv(self) -> None:
+        self.qkv = ProjectionGroup(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(self.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), self.v_proj(x)))
+        return self.o_proj(self.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), v))
 
 
 class LlamaAttention(SeparateQKVAttention):
@@ -98,6 +104,7 @@ class LlamaAttention(SeparateQKVAttention):
             self.head_dim**-0.5,
             _llama_family_window(config, layer_idx),
         )
+        self.group_qkv()
 
 
 
@@ -110,10 +117,12 @@ class LlamaMLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up = ProjectionGroup(self.gate_proj, self.up_proj)
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -1,7 +1,8 @@
 // bf16 matrix-vector products for the CPU, a few activation rows against a plain row-major weight (the tied embedding
 // table that doubles as an lm_head, or a decoder projection's plain copy): out[m][n] = round_bf16(sum_k x[m][k] *
 // w[n][k]), accumulated in fp32. The values are those of a bf16 linear layer, up to the order of the fp32 sums: as fp32
-// straight into the caller's buffer (`bf16_linear_fp32_`, logits) or as a new bf16 tensor (`bf16_linear`).
+// straight into the caller's buffer (`bf16_linear_fp32_`, logits), as a new bf16 tensor (`bf16_linear`), or as one
+// new bf16 tensor per projection where several of one input lie end to end in w (`bf16_linear_parts`: q/k/v).
 //
 // A decode step's lm_head is bound by memory: every weight byte meets each activation row once. So w is streamed once
 // per call, in address order: threads take contiguous chunks of W rows, and a tile of NB consecutive W rows meets
@@ -11,7 +12,8 @@
 //
 // ISA: AVX512_BF16's vdpbf16ps (32 bf16 pairs into 16 fp32 lanes; bf16 denormal inputs count as zero) when compiled
 // with it, AVX-512F FMAs on widened bf16 otherwise; on AVX2, tiles of 8 lanes and up to 8 accumulators that take 16
-// weights per load (see `paired`); a portable scalar loop without either.
+// weights per load (see `paired`), one W row at a time for a single x row (`single_row`); a portable scalar loop
+// without either.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -31,10 +33,9 @@ using namespace loraserve;
 
 constexpr int64_t MAX_ROWS = 8;  // x rows per tile: more are taken in tiles, each re-reading a chunk from cache
 constexpr int64_t CHUNK = 64;    // W rows a thread takes at a time: a chunk stays in L2 for every tile of x rows
+constexpr int64_t PREFETCH = 4096;  // bytes ahead in w that a tile asks the cache for
 
 #ifdef LORASERVE_AVX512
-
-constexpr int64_t PREFETCH = 4096;  // bytes ahead in w
 
 // How K elements of w and x are loaded and multiplied into 16 fp32 lanes.
 #ifdef __AVX512BF16__
@@ -98,7 +99,6 @@ void rows_any(const typename D::X* x, int64_t mt, const bf16* w, int64_t k, int6
 
 #elif defined(LORASERVE_AVX2)
 
-constexpr int64_t PREFETCH = 4096;  // bytes ahead in w
 constexpr int TILE_ROWS = 4;        // x rows per tile: more leave the loads of x, not the FMAs, setting the pace
 
 struct Avx2Dot {  // the tag of the AVX2 tiles: x widened to fp32 once per call, in `paired` order
@@ -169,12 +169,48 @@ void tile(const float* x, const bf16* w, int64_t k, O* out, int64_t ldo) {
     }
 }
 
+// One x row against W rows [lo, hi), each row on its own and in address order, four accumulators deep (two 32-byte
+// loads a step) and without software prefetch. With one x row no weight load is shared, and a single stream keeps
+// the hardware prefetcher ahead of the loads, where interleaved rows, with or without software prefetch, fall behind
+// it (RESULTS.md, CPUs without AVX-512).
+template <typename O>
+void single_row(const float* x, const bf16* w, int64_t k, int64_t lo, int64_t hi, O* out) {
+  const __m256i high = _mm256_set1_epi32(int32_t(0xffff0000u));
+  const int64_t body32 = k - k % 32, body = k - k % 16;
+  for (int64_t n = lo; n < hi; ++n) {
+    const bf16* row = w + n * k;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const auto step = [&](int64_t q, __m256& even, __m256& odd) {  // 16 weights of the row at q
+      const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + q));
+      even = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)), _mm256_loadu_ps(x + q), even);
+      odd = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(pairs, high)), _mm256_loadu_ps(x + q + 8), odd);
+    };
+    for (int64_t q = 0; q < body32; q += 32) {
+      step(q, acc[0], acc[1]);
+      step(q + 16, acc[2], acc[3]);
+    }
+    if (body > body32) step(body32, acc[0], acc[1]);
+    const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, sum);
+    float v = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (int64_t q = body; q < k; ++q) v += x[q] * to_f(row[q]);
+    bf16 h;
+    from_f(&h, v);
+    from_f(out + n, to_f(h));
+  }
+}
+
 template <int MT, typename O>
 void rows(const float* x, const bf16* w, int64_t k, int64_t lo, int64_t hi, O* out, int64_t ldo) {
-  constexpr int NB = MT == 1 ? 4 : 8 / MT;
-  int64_t n = lo;
-  for (; n + NB <= hi; n += NB) tile<MT, NB>(x, w + n * k, k, out + n, ldo);
-  for (; n < hi; ++n) tile<MT, 1>(x, w + n * k, k, out + n, ldo);
+  if constexpr (MT == 1) {
+    single_row(x, w, k, lo, hi, out);
+  } else {
+    constexpr int NB = 8 / MT;
+    int64_t n = lo;
+    for (; n + NB <= hi; n += NB) tile<MT, NB>(x, w + n * k, k, out + n, ldo);
+    for (; n < hi; ++n) tile<MT, 1>(x, w + n * k, k, out + n, ldo);
+  }
 }
 
 template <typename D, typename O>
@@ -200,16 +236,28 @@ void rows_any(const bf16* x, int64_t mt, const bf16* w, int64_t k, int64_t lo, i
 
 #endif
 
-// Chunks of W rows across threads; in each chunk, every tile of x rows.
+// A run of consecutive W rows and the matrix its results go to: out [M, n], contiguous, row i of the run into column i.
+template <typename O>
+struct Part {
+  const bf16* w;
+  int64_t n;
+  O* out;
+};
+
+// Chunks of W rows across threads, each chunk within one part; in each chunk, every tile of x rows.
 template <typename D, typename X, typename O>
-void product(const X* x, int64_t m, const bf16* w, int64_t n, int64_t k, O* out) {
-  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+void product(const X* x, int64_t m, const std::vector<Part<O>>& parts, int64_t k) {
+  std::vector<int64_t> first_chunk(parts.size() + 1, 0);  // part p holds chunks [first_chunk[p], first_chunk[p + 1])
+  for (size_t p = 0; p < parts.size(); ++p) first_chunk[p + 1] = first_chunk[p] + (parts[p].n + CHUNK - 1) / CHUNK;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (CHUNK * k * int64_t(sizeof(bf16))));
-  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, first_chunk.back(), grain, [&](int64_t c0, int64_t c1) {
+    size_t p = 0;
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t lo = c * CHUNK, hi = std::min(n, lo + CHUNK);
+      while (c >= first_chunk[p + 1]) ++p;
+      const Part<O>& part = parts[p];
+      const int64_t lo = (c - first_chunk[p]) * CHUNK, hi = std::min(part.n, lo + CHUNK);
       for (int64_t m0 = 0; m0 < m; m0 += MAX_ROWS)
-        rows_any<D>(x + m0 * k, std::min(MAX_ROWS, m - m0), w, k, lo, hi, out + m0 * n, n);
+        rows_any<D>(x + m0 * k, std::min(MAX_ROWS, m - m0), part.w, k, lo, hi, part.out + m0 * part.n, part.n);
     }
   });
 }
@@ -221,27 +269,28 @@ void check_operands(const at::Tensor& x, const at::Tensor& w) {
               "bf16 linear: w must be a contiguous bf16 [N, ", x.size(1), "] matrix");
 }
 
-// out [M, N] (fp32 or bf16, contiguous) = x @ w.T, each value rounded to bf16 once.
+// Each part's out = x @ (its rows of w).T, each value rounded to bf16 once.
 template <typename O>
-void run(const at::Tensor& x, const at::Tensor& w, O* op) {
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  if (m == 0 || n == 0) return;
+void run(const at::Tensor& x, const std::vector<Part<O>>& parts) {
+  const int64_t m = x.size(0), k = x.size(1);
+  if (m == 0) return;
   const bf16* xp = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
-  const bf16* wp = reinterpret_cast<const bf16*>(w.data_ptr<at::BFloat16>());
 #if defined(LORASERVE_AVX512) && defined(__AVX512BF16__)
-  product<Bf16Dot>(xp, m, wp, n, k, op);
+  product<Bf16Dot>(xp, m, parts, k);
 #elif defined(LORASERVE_AVX512)
   std::vector<float> xf(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) xf[i] = to_f(xp[i]);
-  product<FmaDot>(xf.data(), m, wp, n, k, op);
+  product<FmaDot>(xf.data(), m, parts, k);
 #elif defined(LORASERVE_AVX2)
   std::vector<float> xf(static_cast<size_t>(m * k));
   paired(xp, m, k, xf.data());
-  product<Avx2Dot>(xf.data(), m, wp, n, k, op);
+  product<Avx2Dot>(xf.data(), m, parts, k);
 #else
-  product<void>(xp, m, wp, n, k, op);
+  product<void>(xp, m, parts, k);
 #endif
 }
+
+const bf16* weights_of(const at::Tensor& w) { return reinterpret_cast<const bf16*>(w.data_ptr<at::BFloat16>()); }
 
 // The lm_head's form: fp32 logits straight into the caller's buffer.
 at::Tensor& bf16_linear_fp32_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w) {
@@ -249,7 +298,7 @@ at::Tensor& bf16_linear_fp32_(at::Tensor& out, const at::Tensor& x, const at::Te
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat && out.size(0) == x.size(0) &&
                   out.size(1) == w.size(0),
               "bf16_linear_fp32_: out must be a contiguous fp32 [", x.size(0), ", ", w.size(0), "] matrix");
-  run(x, w, out.data_ptr<float>());
+  run<float>(x, {{weights_of(w), w.size(0), out.data_ptr<float>()}});
   return out;
 }
 
@@ -257,8 +306,30 @@ at::Tensor& bf16_linear_fp32_(at::Tensor& out, const at::Tensor& x, const at::Te
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   check_operands(x, w);
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  run(x, w, reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()));
+  run<bf16>(x, {{weights_of(w), w.size(0), reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>())}});
   return out;
+}
+
+// Projections of one input whose weights lie end to end in w (q, k and v; gate and up): one call and one pass over
+// w, each projection's result a new contiguous bf16 [M, sizes[i]], as its own linear layer returns.
+std::vector<at::Tensor> bf16_linear_parts(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef sizes) {
+  check_operands(x, w);
+  int64_t rows = 0;
+  for (const int64_t size : sizes) {
+    TORCH_CHECK(size >= 0, "bf16_linear_parts: sizes must not be negative");
+    rows += size;
+  }
+  TORCH_CHECK(rows == w.size(0), "bf16_linear_parts: sizes sum to ", rows, ", w has ", w.size(0), " rows");
+  std::vector<at::Tensor> outs;
+  std::vector<Part<bf16>> parts;
+  const bf16* wp = weights_of(w);
+  for (const int64_t size : sizes) {
+    outs.push_back(at::empty({x.size(0), size}, x.options()));
+    parts.push_back({wp, size, reinterpret_cast<bf16*>(outs.back().data_ptr<at::BFloat16>())});
+    wp += size * w.size(1);
+  }
+  run<bf16>(x, parts);
+  return outs;
 }
 
 }  // namespace
@@ -266,8 +337,10 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
 TORCH_LIBRARY_FRAGMENT(loraserve, m) {
   m.def("bf16_linear_fp32_(Tensor(a!) out, Tensor x, Tensor w) -> Tensor(a!)");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("bf16_linear_parts(Tensor x, Tensor w, int[] sizes) -> Tensor[]");
 }
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("bf16_linear_fp32_", &bf16_linear_fp32_);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("bf16_linear_parts", &bf16_linear_parts);
 }

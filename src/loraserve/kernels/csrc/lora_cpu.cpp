@@ -44,6 +44,10 @@ struct Task {
   int32_t lo, hi;  // A rows [lo, hi) of the segment (shrink) or output columns [lo, hi) (expand)
 };
 
+// Bytes ahead of each stream that the loops ask the cache for: adapter rows are read once per call, from memory, and
+// the hardware prefetchers alone leave the loads waiting on it (measured with benchmarks/lora_kernel.py).
+constexpr int64_t kPrefetchBytes = 4096;
+
 #ifdef LORASERVE_AVX512
 
 // Shrink flavours: how K elements of A and x are loaded and multiplied into 16 fp32 lanes.
@@ -57,9 +61,6 @@ struct FmaDot {  // fp32, or bf16 widened to fp32
 };
 
 
-// Bytes ahead of each stream that the loops ask the cache for: adapter rows are read once per call, from memory, and
-// the hardware prefetchers alone leave the loads waiting on it (measured with benchmarks/lora_kernel.py).
-constexpr int64_t kPrefetchBytes = 4096;
 
 inline void prefetch_ahead(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p) + kPrefetchBytes;
@@ -163,8 +164,6 @@ void shrink_rows(const T* A, int64_t in, int64_t nj, const T* const* xs, float* 
 #elif defined(LORASERVE_AVX2)
 
 struct Avx2Dot {};  // the tag of the AVX2 shrink: both operands widened to fp32 in registers
-
-constexpr int64_t kPrefetchBytes = 4096;  // as for AVX-512: adapter rows come from memory once per call
 
 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
