@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+from loraserve import kernels
 from loraserve.errors import InvalidRequest
 from loraserve.sampling.params import SamplingParams
 from loraserve.sampling.sampler import (
@@ -24,6 +25,7 @@ from loraserve.sampling.sampler import (
     _nucleus,
     apply_penalties,
     draw,
+    greedy_pick,
     prompt_logprobs,
     warped_probs,
 )
@@ -399,3 +401,33 @@ def test_greedy_rule_follows_lorax() -> None:
     assert SamplingParams(temperature=1.0, top_p=1.0, typical_p=1.0, top_k=0).greedy  # neutral values
     assert SamplingParams(top_k=-1).greedy
     assert SamplingParams(repetition_penalty=1.2, frequency_penalty=1.0).greedy  # penalties are not warpers
+
+
+def greedy_cases() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    cases = [torch.randn(rows, vocab, generator=generator)
+             for rows, vocab in [(1, 1), (3, 7), (2, 16), (5, 17), (2, 65536), (1, 65537), (3, 262144)]]
+    tricky = torch.randn(6, 70000, generator=generator)
+    tricky[0, 90] = tricky[0, 500] = float("nan")  # the first NaN wins
+    tricky[1, -1] = float("nan")  # a NaN in the scalar tail, after the vector lanes
+    tricky[2, 3] = tricky[2, 69999] = 100.0  # a tie across blocks and lanes: the first index
+    tricky[3] = float("-inf")
+    tricky[4] = 0.0  # every column ties
+    tricky[5, 65536 + 9] = 50.0  # the maximum in the second block
+    return [*cases, tricky]
+
+
+@pytest.mark.parametrize("scores", greedy_cases(), ids=lambda t: "x".join(map(str, t.shape)))
+def test_greedy_pick_is_the_first_index_of_each_rows_maximum(scores: torch.Tensor) -> None:
+    assert torch.equal(greedy_pick(scores), scores.max(dim=-1).indices)
+
+
+@pytest.mark.skipif(kernels.extension() is None, reason="compiled CPU ops unavailable here")
+def test_greedy_pick_runs_the_compiled_op_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    op = kernels.compiled_op("argmax_rows")
+    monkeypatch.setitem(kernels._ops, "argmax_rows", lambda scores: calls.append(scores.shape) or op(scores))
+    scores = torch.randn(4, 1000)
+    assert torch.equal(greedy_pick(scores), scores.max(dim=-1).indices)
+    greedy_pick(scores[:, ::2])  # not contiguous: torch's max
+    assert calls == [(4, 1000)]

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("module.cpp", "lora_cpu.cpp", "int8_cpu.cpp", "norm_cpu.cpp", "gemv_cpu.cpp",
-                         "attention_cpu.cpp")]
+                         "attention_cpu.cpp", "sample_cpu.cpp")]
 
 # None: not tried yet; False: unavailable (reason in _why_not); else the compiled module
 _module: ModuleType | bool | None = None

@@ -30,6 +30,7 @@ from itertools import chain
 
 import torch
 
+from loraserve import kernels
 from loraserve.sampling.grammar import apply_bitmask_
 from loraserve.sampling.params import SamplingParams
 
@@ -66,8 +67,7 @@ class Sampler:
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         chosen = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
         if greedy:
-            # max(dim) is several times faster than argmax over a 262k vocabulary on the CPU
-            chosen[greedy] = _rows(scores, greedy).max(dim=-1).indices
+            chosen[greedy] = greedy_pick(_rows(scores, greedy))
         if sampled:
             probs = warped_probs(_rows(scores, sampled), [rows[i].params for i in sampled])
             uniforms = torch.tensor([self._uniform(rows[i]) for i in sampled], dtype=torch.float64)
@@ -103,6 +103,16 @@ def step_seed(seed: int, step: int) -> int:
     """The generator seed of a seeded request's `step`-th draw: a hash, so no two (seed, step) pairs share a stream."""
     key = (seed % 2**64).to_bytes(8, "little") + step.to_bytes(8, "little")
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
+def greedy_pick(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's first index of its maximum (a NaN counting as the maximum), as `max(dim=-1).indices` gives it: by
+    the compiled op on the CPU, which reads the row once at memory speed, else by `max` (several times faster than
+    `argmax` over a 262k vocabulary on the CPU, and the same on CUDA)."""
+    op = kernels.compiled_op("argmax_rows")
+    if op is not None and scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.is_contiguous():
+        return op(scores)
+    return scores.max(dim=-1).indices
 
 
 def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
