@@ -149,6 +149,31 @@ def test_linear_forward_into_keeps_an_adapters_delta() -> None:
         assert_close_to_bf16_product(linear.forward_into(x, torch.empty(2, 300)), x, linear.weight)
 
 
+@pytest.mark.parametrize("rows", around(GEMV_MAX_ROWS))
+def test_a_step_whose_adapters_leave_the_head_alone_takes_the_gemv(rows: int, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    linear = lm_head(300, 64, packed=PACKS)
+    linear.lora = OutputLoRA()
+    generator = torch.Generator().manual_seed(5)
+    linear.lora.place(0, torch.randn(4, 64, generator=generator).bfloat16(),
+                      torch.randn(300, 4, generator=generator).bfloat16())
+    calls = []
+    op = kernels.compiled_op("bf16_linear_fp32_")
+    monkeypatch.setitem(kernels._ops, "bf16_linear_fp32_", lambda *a: calls.append(1) or op(*a))
+    x, _ = case(300, 64, rows, seed=6)
+    for slots, delta in (([1, -1] * rows)[:rows], False), (([0, 1] * rows)[:rows], True):
+        calls.clear()
+        context = ForwardContext(slot_mapping=torch.empty(0, dtype=torch.int64), attention_groups=[],
+                                 lora=LoRABatch.build(slots, torch.device("cpu")))
+        with forward_context(context):  # slot 1 holds no delta for the head
+            out = linear.forward_into(x, torch.empty(rows, 300))
+            if delta:  # the layer's own forward, delta included, as before
+                assert torch.equal(out, linear(x).float())
+        assert calls == ([1] if takes(rows, GEMV_MAX_ROWS) and not delta else [])
+        if not delta:
+            assert_close_to_bf16_product(out, x, linear.weight)
+
+
 def projections(sizes: list[int], k: int) -> torch.nn.Sequential:
     """Linears of one input, as a model holds q/k/v, with the group a model module would hold beside them."""
     model = torch.nn.Sequential(*(Linear(k, n) for n in sizes))

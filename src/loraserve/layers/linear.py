@@ -47,6 +47,10 @@ class LoRADelta(Protocol):
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
+    def adds_to_step(self) -> bool:
+        """Whether a row of the current step uses an adapter this layer holds a delta for."""
+        ...
+
 
 class Linear(nn.Module):
     """`y = x W^T (+ b)`, with an optional batched LoRA delta added on top."""
@@ -111,9 +115,10 @@ class Linear(nn.Module):
         """`self(x)` as fp32 into `out` (contiguous `[rows, out_features]`); returns `out`.
 
         A few bf16 rows against a plain weight (the table an lm_head shares with the embedding) take the compiled
-        GEMV: it streams the weight once, where oneDNN is slow at so few rows, and writes fp32 with no copy.
+        GEMV: it streams the weight once, where oneDNN is slow at so few rows, and writes fp32 with no copy. So do
+        steps whose adapters leave this layer alone (most adapters never touch the lm_head).
         """
-        no_delta = self.lora is None or get_forward_context().lora is None
+        no_delta = self.lora is None or not self.lora.adds_to_step()
         if no_delta and self._gemv_applies(x, GEMV_MAX_ROWS) and (op := kernels.compiled_op("bf16_linear_fp32_")):
             return op(out, x.contiguous(), self.weight)
         return out.copy_(self(x))

@@ -134,6 +134,10 @@ class ProjectionLoRA:
                   for (_, start, stop), offset, rank in zip(batch.segments, view.offsets, view.ranks) if rank]
         return LayerSegments(placed, view.offsets, view.ranks)
 
+    def adds_to_step(self) -> bool:
+        batch = get_forward_context().lora
+        return batch is not None and any(slot in self.placements for slot, _, _ in batch.segments)
+
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = get_forward_context().lora
         if batch is None or not self.placements:
@@ -182,6 +186,10 @@ class _BlockPerAdapter:
 
     def remove(self, slot: int) -> None:
         self.weights.pop(slot, None)
+
+    def adds_to_step(self) -> bool:
+        batch = get_forward_context().lora
+        return batch is not None and any(slot in self.weights for slot, _, _ in batch.segments)
 
 
 class OutputLoRA(_BlockPerAdapter):
